@@ -1,0 +1,166 @@
+"""The sleep cycle's records: its runs, the adapters they made, and which sessions each adapter learnt.
+
+Provenance is per message, not per session: a session that goes on after a sleep has new
+messages to consolidate, so ``adapter_sessions`` records the last message each adapter saw.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from assistant.store.connection import StoreError
+from assistant.store.migrations import now
+
+if TYPE_CHECKING:
+    from assistant.store.store import Store
+
+RUN_STATUSES = ("running", "complete", "failed", "cancelled")
+ADAPTER_STATUSES = ("candidate", "live", "rejected", "retired")
+
+# The live adapters and their ancestors (through parent_version): what the model now knows.
+_LIVE_LINEAGE = """
+    WITH RECURSIVE lineage(id, parent_version) AS (
+        SELECT id, parent_version FROM adapters WHERE status = 'live'
+        UNION
+        SELECT adapters.id, adapters.parent_version FROM adapters
+        JOIN lineage ON adapters.version = lineage.parent_version
+    ),
+    consolidated AS (
+        SELECT session_id, max(last_message_id) AS last_message_id FROM adapter_sessions
+        WHERE adapter_id IN (SELECT id FROM lineage) GROUP BY session_id
+    )
+"""
+
+
+class SleepLedger:
+    """Reads and writes the sleep-cycle tables through a Store's connection."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def start_run(self) -> int:
+        with self._store.transaction() as db:
+            return db["sleep_runs"].insert({"started": now(), "status": "running", "stage": "starting"}).last_pk
+
+    def set_stage(self, run_id: int, stage: str) -> None:
+        self._update("sleep_runs", run_id, {"stage": stage})
+
+    def finish_run(self, run_id: int, status: str, *, report: Mapping | None = None, error: str | None = None) -> None:
+        _check_choice("run status", status, RUN_STATUSES[1:])
+        changes = {"finished": now(), "status": status, "error": error}
+        if report is not None:
+            changes["report"] = json.dumps(report)
+        self._update("sleep_runs", run_id, changes)
+
+    def run(self, run_id: int) -> dict:
+        return self._get("sleep_runs", run_id, json_columns=("report",))
+
+    def last_run(self) -> dict | None:
+        with self._store.reading() as db:
+            row = db.execute("SELECT max(id) FROM sleep_runs").fetchone()[0]
+        return None if row is None else self.run(row)
+
+    def add_adapter(
+        self,
+        version: int,
+        path: str,
+        *,
+        parent_version: int | None = None,
+        sleep_run_id: int | None = None,
+        status: str = "candidate",
+        scores: Mapping | None = None,
+    ) -> int:
+        _check_choice("adapter status", status, ADAPTER_STATUSES)
+        record = {
+            "version": version,
+            "path": path,
+            "parent_version": parent_version,
+            "sleep_run_id": sleep_run_id,
+            "created": now(),
+            "status": status,
+            "scores": None if scores is None else json.dumps(scores),
+        }
+        with self._store.transaction() as db:
+            if db.execute("SELECT 1 FROM adapters WHERE version = ?", [version]).fetchone():
+                raise StoreError(f"adapter version {version} already exists")
+            return db["adapters"].insert(record).last_pk
+
+    def set_adapter_status(self, adapter_id: int, status: str, *, scores: Mapping | None = None) -> None:
+        _check_choice("adapter status", status, ADAPTER_STATUSES)
+        changes: dict = {"status": status}
+        if scores is not None:
+            changes["scores"] = json.dumps(scores)
+        self._update("adapters", adapter_id, changes)
+
+    def adapter(self, adapter_id: int) -> dict:
+        return self._get("adapters", adapter_id, json_columns=("scores",))
+
+    def live_adapters(self) -> list[dict]:
+        with self._store.reading() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM adapters WHERE status = 'live' ORDER BY version")]
+        return [self.adapter(adapter_id) for adapter_id in ids]
+
+    def record_consolidation(self, adapter_id: int, last_message_ids: Mapping[int, int]) -> None:
+        """Record that ``adapter_id`` learnt each session up to and including its given message id."""
+        rows = [{"adapter_id": adapter_id, "session_id": session_id, "last_message_id": message_id}
+                for session_id, message_id in last_message_ids.items()]
+        with self._store.transaction() as db:
+            db["adapter_sessions"].insert_all(rows, replace=True)
+
+    def unconsolidated_sessions(self) -> list[dict]:
+        """Sessions with complete messages that the live adapters (and their ancestors) have not learnt.
+
+        Each row: ``session_id``, ``title``, ``consolidated_through`` (last message id already learnt,
+        0 if none), ``last_message_id`` and ``new_messages`` (how many complete messages are new).
+        """
+        sql = _LIVE_LINEAGE + """
+            SELECT sessions.id AS session_id, sessions.title,
+                   coalesce(consolidated.last_message_id, 0) AS consolidated_through,
+                   max(messages.id) AS last_message_id, count(*) AS new_messages
+            FROM sessions
+            JOIN messages ON messages.session_id = sessions.id
+            LEFT JOIN consolidated ON consolidated.session_id = sessions.id
+            WHERE messages.status = 'complete' AND messages.id > coalesce(consolidated.last_message_id, 0)
+            GROUP BY sessions.id ORDER BY sessions.id
+        """
+        with self._store.reading() as db:
+            return list(db.query(sql))
+
+    def add_evaluation(
+        self, metric: str, value: float, *, adapter_id: int | None = None, sleep_run_id: int | None = None
+    ) -> int:
+        record = {"adapter_id": adapter_id, "sleep_run_id": sleep_run_id, "metric": metric,
+                  "value": float(value), "created": now()}
+        with self._store.transaction() as db:
+            return db["evaluations"].insert(record).last_pk
+
+    def evaluations(self, *, adapter_id: int | None = None, sleep_run_id: int | None = None) -> list[dict]:
+        with self._store.reading() as db:
+            return list(db.query(
+                "SELECT * FROM evaluations WHERE (:adapter IS NULL OR adapter_id = :adapter) "
+                "AND (:run IS NULL OR sleep_run_id = :run) ORDER BY id",
+                {"adapter": adapter_id, "run": sleep_run_id},
+            ))
+
+    def _update(self, table: str, row_id: int, changes: Mapping) -> None:
+        with self._store.transaction() as db:
+            if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", [row_id]).fetchone() is None:
+                raise StoreError(f"no {table} row {row_id}")
+            db[table].update(row_id, dict(changes))
+
+    def _get(self, table: str, row_id: int, json_columns: tuple[str, ...]) -> dict:
+        with self._store.reading() as db:
+            rows = list(db.query(f"SELECT * FROM {table} WHERE id = ?", [row_id]))
+        if not rows:
+            raise StoreError(f"no {table} row {row_id}")
+        row = rows[0]
+        for column in json_columns:
+            row[column] = None if row[column] is None else json.loads(row[column])
+        return row
+
+
+def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise StoreError(f"unknown {what} {value!r} (one of {', '.join(allowed)})")

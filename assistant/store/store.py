@@ -1,0 +1,178 @@
+"""The user's conversations in SQLite: sessions, their messages, and full-text search.
+
+One ``Store`` may be shared by threads (a TUI's worker streams a reply while the interface
+lists sessions): a lock serialises access to the single connection, and every write is one
+``BEGIN IMMEDIATE`` transaction, so another process's writer makes us wait, never lose data.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from assistant.config import Config, Paths
+from assistant.store.connection import StoreError, connect, translated_errors
+from assistant.store.migrations import migrate, now
+from assistant.store.sleep import SleepLedger
+
+ROLES = ("user", "assistant", "system")
+STATUSES = ("complete", "cancelled", "error")
+TITLE_LENGTH = 60
+
+_SESSION_COLUMNS = """
+    sessions.id, sessions.title, sessions.created, sessions.updated, sessions.model,
+    (SELECT count(*) FROM messages WHERE messages.session_id = sessions.id) AS message_count,
+    (SELECT content FROM messages WHERE messages.session_id = sessions.id AND role = 'assistant'
+     ORDER BY id DESC LIMIT 1) AS last_reply
+"""
+
+
+class Store:
+    """Sessions and messages in one SQLite file; ``store.sleep`` holds the sleep cycle's records."""
+
+    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._lock = threading.RLock()
+        self.db = Database(connect(self.path, busy_timeout))
+        try:
+            with self.reading():
+                migrate(self.db, self.path)
+        except BaseException:
+            self.db.close()
+            raise
+        self.sleep = SleepLedger(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[Database]:
+        """Exclusive use of the connection, with SQLite errors turned into StoreError."""
+        with self._lock, translated_errors(self.path, self.busy_timeout):
+            yield self.db
+
+    @contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """One write transaction: all of it is stored, or none of it."""
+        with self.reading() as db:
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.conn.in_transaction:
+                    db.conn.execute("ROLLBACK")
+                raise
+            db.conn.execute("COMMIT")
+
+    def create_session(self, model: str | None = None, title: str = "") -> int:
+        """A new, empty session; its title defaults to the start of its first user message."""
+        stamp = now()
+        with self.transaction() as db:
+            return db["sessions"].insert({"title": title, "created": stamp, "updated": stamp, "model": model}).last_pk
+
+    def session(self, session_id: int) -> dict:
+        with self.reading() as db:
+            rows = list(db.query(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", [session_id]))
+        if not rows:
+            raise StoreError(f"no session {session_id} in {self.path} (see `somnus sessions`)")
+        return rows[0]
+
+    def sessions(self, limit: int | None = None) -> list[dict]:
+        """Sessions, the most recently active first, with their message count and last reply."""
+        with self.reading() as db:
+            return list(db.query(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY updated DESC, id DESC "
+                                 "LIMIT ?", [-1 if limit is None else limit]))
+
+    def add_message(
+        self,
+        session_id: int,
+        role: str,
+        content: str,
+        *,
+        status: str = "complete",
+        model: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        created: str | None = None,
+    ) -> int:
+        """Record one message (``created`` defaults to now; ``completed`` is always now)."""
+        _check_message(role, content, status)
+        stamp = now()
+        record = {
+            "session_id": session_id,
+            "role": role,
+            "content": content,
+            "created": created or stamp,
+            "completed": stamp,
+            "model": model,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "status": status,
+        }
+        with self.transaction() as db:
+            session = db.execute("SELECT title FROM sessions WHERE id = ?", [session_id]).fetchone()
+            if session is None:
+                raise StoreError(f"no session {session_id} in {self.path} (see `somnus sessions`)")
+            message_id = db["messages"].insert(record).last_pk
+            title = session[0] or (_title_from(content) if role == "user" else "")
+            db.execute("UPDATE sessions SET updated = ?, title = ? WHERE id = ?", [stamp, title, session_id])
+        return message_id
+
+    def messages(self, session_id: int) -> list[dict]:
+        """The session's messages in the order they were said."""
+        with self.reading() as db:
+            return list(db.query("SELECT * FROM messages WHERE session_id = ? ORDER BY id", [session_id]))
+
+    def search(self, query: str, limit: int = 20) -> list[dict]:
+        """Messages matching ``query`` as plain words (no FTS syntax to get wrong), best first."""
+        sql = """
+            SELECT messages.id AS message_id, messages.session_id, messages.role, messages.created,
+                   sessions.title, snippet(messages_fts, 0, '[', ']', '...', 16) AS snippet
+            FROM messages_fts
+            JOIN messages ON messages.id = messages_fts.rowid
+            JOIN sessions ON sessions.id = messages.session_id
+            WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?
+        """
+        if not query.strip():
+            return []
+        with self.reading() as db:
+            return list(db.query(sql, [db.quote_fts(query), limit]))
+
+    def counts(self) -> dict[str, int]:
+        with self.reading() as db:
+            return {"sessions": db["sessions"].count, "messages": db["messages"].count}
+
+
+def open_store(paths: Paths, config: Config) -> Store:
+    """The store of the data folder ``paths``, waiting as long as the config says for other writers."""
+    return Store(paths.database, busy_timeout=config.busy_timeout_seconds)
+
+
+def _check_message(role: str, content: str, status: str) -> None:
+    if role not in ROLES:
+        raise StoreError(f"unknown message role {role!r} (one of {', '.join(ROLES)})")
+    if status not in STATUSES:
+        raise StoreError(f"unknown message status {status!r} (one of {', '.join(STATUSES)})")
+    if not isinstance(content, str):
+        raise StoreError(f"a message must be text, not {type(content).__name__}; nothing was stored")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise StoreError("the message is not valid UTF-8 text (it holds undecodable bytes); nothing was stored") from error
+
+
+def _title_from(content: str) -> str:
+    first_line = next((line.strip() for line in content.splitlines() if line.strip()), "")
+    return first_line if len(first_line) <= TITLE_LENGTH else first_line[: TITLE_LENGTH - 3] + "..."
