@@ -1,0 +1,286 @@
+"""Hugging Face Llama folders and PEFT LoRA folders -> GGUF files that llama.cpp loads.
+
+llama.cpp only reads GGUF, while the rest of Somnus (training, the torch and mlx engines) speaks
+Hugging Face safetensors and PEFT. This module is the one bridge, written on the ``gguf`` package:
+hyperparameters under llama.cpp's key names, tensors under llama.cpp's names, the tokenizer as a
+GPT-2 style BPE vocabulary, and LoRA adapters in llama.cpp's adapter layout.
+
+Two layout details matter for equal outputs across engines:
+
+* Hugging Face rotates query/key halves (``rotate_half``) while llama.cpp's Llama graph rotates
+  adjacent pairs, so the rows of q_proj/k_proj (and of a LoRA's q/k ``lora_B``) are permuted so that
+  each head's two halves interleave.
+* llama.cpp scales a LoRA by ``alpha / rank`` (rank read from ``lora_b``); PEFT by
+  ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). The written alpha reproduces PEFT's scale, and a
+  block whose rank differs (PEFT's rank_pattern) gets the difference folded into its ``lora_b``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from backends.base import BackendError
+from backends.peft_io import ADAPTER_WEIGHTS, read_lora, read_model_config
+
+ARCH = gguf.MODEL_ARCH.LLAMA
+ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
+_DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
+_IGNORED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+def export_model(hf_dir: Path, out_path: Path, dtype: str = "f32") -> Path:
+    """Write the Hugging Face Llama model in ``hf_dir`` as one GGUF file (weights, tokenizer, template).
+
+    ``dtype`` is ``"f32"`` (bit-faithful) or ``"f16"`` (half the size; norms stay f32 as llama.cpp
+    expects). The file appears at ``out_path`` only once complete.
+    """
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    if dtype not in _DTYPES:
+        raise BackendError(f"unknown GGUF dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    np_dtype, file_type = _DTYPES[dtype]
+    config = read_model_config(hf_dir)
+    hparams = _LlamaHparams(config, hf_dir / "config.json")
+    weights = _read_safetensors(hf_dir)
+    name_map = gguf.get_tensor_name_map(ARCH, hparams.n_layer)
+
+    with _atomic_writer(out_path, gguf.GGUFType.MODEL) as writer:
+        writer.add_name(hf_dir.name)
+        writer.add_file_type(file_type)
+        hparams.write(writer)
+        _write_tokenizer(writer, hf_dir, hparams.vocab_size, config)
+        for hf_name, tensor in weights:
+            if _IGNORED_TENSORS.search(hf_name):
+                continue
+            found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if found is None:
+                raise BackendError(f"{hf_dir / 'model.safetensors'}: tensor {hf_name} is not part of a Llama model")
+            kind, name = found
+            if kind == gguf.MODEL_TENSOR.TOKEN_EMBD and tensor.shape[0] != hparams.vocab_size:
+                raise BackendError(f"{hf_dir}: {tensor.shape[0]} embedding rows for vocab_size {hparams.vocab_size}")
+            tensor = hparams.to_llamacpp_rows(kind, tensor)
+            writer.add_tensor(name, tensor.astype(np_dtype if tensor.ndim > 1 else np.float32))
+    return out_path
+
+
+def export_lora(peft_dir: Path, out_path: Path, *, n_head: int, n_head_kv: int) -> Path:
+    """Write the PEFT LoRA in ``peft_dir`` as a llama.cpp LoRA adapter (``general.type = adapter``).
+
+    ``n_head``/``n_head_kv`` are the base model's query and key/value head counts, needed to permute
+    the q/k ``lora_B`` rows the way the base weights were permuted.
+    """
+    peft_dir, out_path = Path(peft_dir), Path(out_path)
+    blocks = read_lora(peft_dir)
+    source = peft_dir / ADAPTER_WEIGHTS
+    n_layer = 1 + max((int(m) for b in blocks for m in re.findall(r"\.layers\.(\d+)\.", b.module)), default=0)
+    name_map = gguf.get_tensor_name_map(ARCH, n_layer)
+    permute = {gguf.MODEL_TENSOR.ATTN_Q: n_head, gguf.MODEL_TENSOR.ATTN_K: n_head_kv}
+    # llama.cpp applies alpha / rank; this alpha reproduces PEFT's scale for the first block's rank,
+    # and any block of another rank gets the difference folded into its lora_b.
+    alpha = blocks[0].scale * blocks[0].down.shape[0]
+
+    with _atomic_writer(out_path, gguf.GGUFType.ADAPTER) as writer:
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for block in blocks:
+            found = name_map.get_type_and_name(block.module + ".weight", try_suffixes=(".weight",))
+            if found is None:
+                raise BackendError(f"{source}: LoRA on {block.module} is not supported by the llama.cpp export")
+            kind, name = found
+            rank = block.down.shape[0]
+            lora_b = block.up * (block.scale * rank / alpha)
+            if kind in permute:
+                lora_b = _interleave_rope_halves(lora_b, permute[kind], source)
+            writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(block.down, dtype=np.float32))
+            writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
+    return out_path
+
+
+class _LlamaHparams:
+    """The Llama hyperparameters llama.cpp needs, read from a transformers 4 or 5 config.json."""
+
+    def __init__(self, config: dict, path: Path):
+        try:
+            self.n_layer = int(config["num_hidden_layers"])
+            self.n_embd = int(config["hidden_size"])
+            self.n_ff = int(config["intermediate_size"])
+            self.n_head = int(config["num_attention_heads"])
+            self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
+            self.vocab_size = int(config["vocab_size"])
+            self.context_length = int(config["max_position_embeddings"])
+            self.rms_eps = float(config.get("rms_norm_eps", 1e-6))
+            self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BackendError(f"{path}: missing or invalid Llama setting {error}") from None
+        if config.get("hidden_act", "silu") != "silu":
+            raise BackendError(f"{path}: activation {config['hidden_act']!r} is not Llama's silu")
+        # transformers 5 nests RoPE settings in rope_parameters; 4.x keeps rope_theta/rope_scaling at the top.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        self.rope_type = rope.get("rope_type", rope.get("type", "default"))
+        self.rope_factor = float(rope.get("factor", 1.0))
+        if self.rope_type not in ("default", "linear"):
+            raise BackendError(f"{path}: RoPE scaling {self.rope_type!r} is not supported by the GGUF export")
+        self.path = path
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_context_length(self.context_length)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_block_count(self.n_layer)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
+        writer.add_rope_dimension_count(self.head_dim)
+        writer.add_rope_freq_base(self.rope_theta)
+        writer.add_layer_norm_rms_eps(self.rms_eps)
+        writer.add_vocab_size(self.vocab_size)
+        if self.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(self.rope_factor)
+
+    def to_llamacpp_rows(self, kind: gguf.MODEL_TENSOR, tensor: np.ndarray) -> np.ndarray:
+        if kind == gguf.MODEL_TENSOR.ATTN_Q:
+            return _interleave_rope_halves(tensor, self.n_head, self.path)
+        if kind == gguf.MODEL_TENSOR.ATTN_K:
+            return _interleave_rope_halves(tensor, self.n_head_kv, self.path)
+        return tensor
+
+
+def _interleave_rope_halves(rows: np.ndarray, n_head: int, source: Path) -> np.ndarray:
+    """Reorder each head's rows from [first half, second half] to [x0, y0, x1, y1, ...] pairs."""
+    if rows.shape[0] % (2 * n_head):
+        raise BackendError(f"{source}: {rows.shape[0]} attention rows do not split into {n_head} heads")
+    head_dim = rows.shape[0] // n_head
+    grouped = rows.reshape(n_head, 2, head_dim // 2, *rows.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(rows.shape)
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, config: dict) -> None:
+    """Write the byte-level BPE vocabulary (padded to ``vocab_size``), special ids and chat template."""
+    tokenizer_path = hf_dir / "tokenizer.json"
+    tokenizer = _read_json(tokenizer_path)
+    tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
+    model = tokenizer.get("model") or {}
+    pre = tokenizer.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise BackendError(f"{tokenizer_path}: only GPT-2 style byte-level BPE tokenizers can be exported")
+
+    ids = {token: int(i) for token, i in model["vocab"].items()}
+    added_types = {}
+    for added in tokenizer.get("added_tokens", []):
+        ids[added["content"]] = int(added["id"])
+        added_types[int(added["id"])] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if len(ids) > vocab_size or max(ids.values()) >= vocab_size:
+        raise BackendError(f"{tokenizer_path}: {len(ids)} tokens do not fit the model's vocab_size {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, i in ids.items():
+        tokens[i] = token
+        types[i] = added_types.get(i, gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    for role, add_id in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = _special_token_id(role, tokenizer_config, config, ids)
+        if token_id is not None:
+            add_id(token_id)
+    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", False)))
+    writer.add_add_eos_token(bool(tokenizer_config.get("add_eos_token", False)))
+    template = _chat_template(hf_dir, tokenizer_config)
+    if template:
+        writer.add_chat_template(template)
+
+
+def _special_token_id(role: str, tokenizer_config: dict, config: dict, ids: dict[str, int]) -> int | None:
+    """The id of the bos/eos/pad token: the tokenizer's named token first, config.json's id second."""
+    token = tokenizer_config.get(f"{role}_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if isinstance(token, str) and token in ids:
+        return ids[token]
+    fallback = config.get(f"{role}_token_id")
+    if isinstance(fallback, list):
+        fallback = fallback[0] if fallback else None
+    return int(fallback) if fallback is not None else None
+
+
+def _chat_template(hf_dir: Path, tokenizer_config: dict) -> str | None:
+    template_file = hf_dir / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: llama.cpp chats with the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BackendError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BackendError(f"{path}: unreadable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise BackendError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_safetensors(hf_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """All weights of ``hf_dir``, from ``model.safetensors`` or the shards its index lists."""
+    index_path = hf_dir / "model.safetensors.index.json"
+    if not (hf_dir / "model.safetensors").exists() and index_path.exists():
+        shards = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+        for shard in shards:
+            yield from _read_tensors(hf_dir / shard)
+    else:
+        yield from _read_tensors(hf_dir / "model.safetensors")
+
+
+def _read_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of one safetensors file as float32 numpy arrays (through torch, which reads bf16 too)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise BackendError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key).float().numpy()
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise BackendError(f"{path}: corrupt safetensors file ({error})") from None
+
+
+@contextmanager
+def _atomic_writer(out_path: Path, gguf_type: str) -> Iterator[gguf.GGUFWriter]:
+    """A GGUFWriter whose file replaces ``out_path`` (mode 0600) only if everything was written."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(temp_path, ARCH_NAME)
+    writer.add_type(gguf_type)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(temp_path, 0o600)
+        os.replace(temp_path, out_path)
+    except OSError as error:
+        raise BackendError(f"{out_path}: cannot write GGUF file ({error})") from None
+    finally:
+        writer.close()
+        temp_path.unlink(missing_ok=True)
