@@ -1,0 +1,185 @@
+"""The PyTorch engine: transformers for the model, PEFT for stacked LoRA adapters.
+
+It runs everywhere (CUDA, Apple MPS, plain CPU) and is the reference the other engines are
+tested against, so generation is a plain token loop whose every step is easy to reason about.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from backends.base import Adapter, BackendError, Sampling
+from backends.peft_io import check_lora_fits, read_lora, read_model_config
+
+
+def pick_device() -> torch.device:
+    """The fastest device present: CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class TorchBackend:
+    """A Hugging Face causal LM folder loaded with transformers (fp32 on CPU, checkpoint dtype on GPUs)."""
+
+    name = "torch"
+
+    def __init__(self, hf_dir: Path, device: str | torch.device | None = None) -> None:
+        hf_dir = Path(hf_dir)
+        read_model_config(hf_dir)
+        self.device = torch.device(device) if device is not None else pick_device()
+        dtype = torch.float32 if self.device.type == "cpu" else "auto"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+            base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            raise BackendError(f"{hf_dir}: cannot load the model ({_first_line(error)})") from error
+        self.base_model = base.to(self.device).eval()
+        self.model: torch.nn.Module = self.base_model  # the base, or a PeftModel wrapping it
+        self.context_length = int(base.config.max_position_embeddings)
+        self.linear_shapes = {  # (out, in) of the bare model's layers, which adapters must fit
+            name: tuple(module.weight.shape)
+            for name, module in base.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
+        self.end_token_id = self.tokenizer.eos_token_id
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    @torch.inference_mode()
+    def stream(
+        self, prompt: str, sampling: Sampling = Sampling(), cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        prompt_ids = self.encode(prompt)
+        budget = min(sampling.max_tokens, self.context_length - len(prompt_ids))
+        if budget <= 0 and sampling.max_tokens > 0:
+            raise BackendError(f"prompt of {len(prompt_ids)} tokens fills the {self.context_length}-token context")
+        generator = torch.Generator()
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        text = IncrementalText(self.tokenizer.decode)
+        inputs = torch.tensor([prompt_ids], device=self.device)
+        cache = None
+        for _ in range(budget):
+            if cancel is not None and cancel.is_set():
+                return
+            output = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+            token = _pick_token(output.logits[0, -1].float().cpu(), sampling, generator)
+            if token == self.end_token_id:
+                break
+            piece = text.add(token)
+            if piece:
+                yield piece
+            inputs = torch.tensor([[token]], device=self.device)
+        rest = text.finish()
+        if rest:
+            yield rest
+
+    @torch.inference_mode()
+    def token_logprobs(self, prompt: str, completion: str) -> list[float]:
+        prompt_ids, completion_ids = self.encode(prompt), self.encode(completion)
+        if not prompt_ids:
+            raise BackendError("token_logprobs needs a non-empty prompt to condition on")
+        ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        targets = ids[0, len(prompt_ids) :].unsqueeze(-1)
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).tolist()
+
+    def set_adapters(self, adapters: Sequence[Adapter]) -> None:
+        """Attach PEFT folders as named adapters, all active at once, each scaled by its ``scale``."""
+        from peft import PeftModel
+
+        for adapter in adapters:  # every folder is checked before the model is touched
+            check_lora_fits(adapter.path, read_lora(adapter.path), self.linear_shapes)
+        self._detach_adapters()
+        if not adapters:
+            return
+        names = [f"adapter{index}" for index in range(len(adapters))]
+        peft_model = PeftModel.from_pretrained(self.base_model, str(adapters[0].path), adapter_name=names[0])
+        self.model = peft_model
+        for name, adapter in zip(names[1:], adapters[1:]):
+            peft_model.load_adapter(str(adapter.path), adapter_name=name)
+        peft_model.base_model.set_adapter(names, inference_mode=True)
+        for module in peft_model.modules():
+            if hasattr(module, "set_scale"):
+                for name, adapter in zip(names, adapters):
+                    module.set_scale(name, adapter.scale)
+        peft_model.eval()
+
+    def _detach_adapters(self) -> None:
+        """Put the original linear layers back; PEFT never wrote into their weights."""
+        if self.model is not self.base_model:
+            self.base_model = self.model.base_model.unload()
+            self.model = self.base_model
+
+    def close(self) -> None:
+        self.model = self.base_model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class IncrementalText:
+    """Turns a growing list of token ids into new text pieces, never splitting a character.
+
+    Byte-level tokens can end in the middle of a multi-byte character, which decodes as U+FFFD;
+    such a tail is held back until the next token completes it. Only a short window of recent
+    tokens is decoded each step, so streaming stays linear in the output length.
+    """
+
+    def __init__(self, decode) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.window_start = 0  # first token of the window decoded each step
+        self.read_end = 0  # tokens up to here have been turned into text
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        seen = self.decode(self.ids[self.window_start : self.read_end])
+        text = self.decode(self.ids[self.window_start :])
+        if len(text) <= len(seen) or text.endswith("\ufffd"):
+            return ""
+        self.window_start, self.read_end = self.read_end, len(self.ids)
+        return text[len(seen) :]
+
+    def finish(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        seen = self.decode(self.ids[self.window_start : self.read_end])
+        return self.decode(self.ids[self.window_start :])[len(seen) :]
+
+
+def _pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Greedy at temperature 0, otherwise nucleus sampling at the given temperature."""
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
