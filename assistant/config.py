@@ -16,13 +16,15 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import platformdirs
 import tomli_w
 
 APP_NAME = "somnus"
 HOME_ENV = "SOMNUS_HOME"
-BACKENDS = ("auto", "torch", "llamacpp", "mlx")
+BackendName = Literal["auto", "torch", "llamacpp", "mlx"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600

@@ -1,0 +1,402 @@
+"""The ``somnus`` command line.
+
+Every mistake a user can make (an unknown model, a busy or damaged database, a bad config file,
+a missing engine) ends as ONE line on stderr and exit status 2; only bugs show a traceback.
+Heavy libraries (torch, transformers, llama.cpp, and even sqlite-utils, which pulls in numpy)
+load inside the commands that need them, so ``--help`` starts at once. ``--json`` output is
+for scripts: its keys are kept stable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from assistant.config import (
+    BackendName,
+    Config,
+    Paths,
+    SomnusError,
+    load_config,
+    open_paths,
+    update_config,
+    write_private_file,
+)
+
+if TYPE_CHECKING:
+    from assistant.chat import Chat
+    from assistant.store import Store
+
+TUI_LATER = "The Somnus TUI arrives in a later release; for now, chat with `somnus chat --plain`."
+
+app = typer.Typer(help="Somnus: a local assistant that learns while you sleep.", add_completion=False,
+                  pretty_exceptions_enable=False)
+model_app = typer.Typer(help="List, download and choose models.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure models and engines on this machine.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+SessionOption = Annotated[Optional[int], typer.Option("--session", help="Continue this session instead of a new one.")]
+PrivateFlag = Annotated[bool, typer.Option("--private", help="Record nothing.")]
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    home: Optional[Path]
+    model: Optional[str]
+    backend: Optional[str]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The data folder and the effective config (config.toml with the command line's overrides)."""
+
+    paths: Paths
+    config: Config
+
+
+def workspace(ctx: typer.Context) -> Workspace:
+    """What every command (sub-apps' too) works with; the data folder is created on first use."""
+    options: GlobalOptions = ctx.find_root().obj
+    paths = open_paths(options.home)
+    config = load_config(paths).with_overrides(model=options.model, backend=options.backend)
+    return Workspace(paths, config)
+
+
+@app.callback(invoke_without_command=True)
+def global_options(
+    ctx: typer.Context,
+    home: Annotated[Optional[Path], typer.Option(help="Data folder (default: $SOMNUS_HOME, else the user data folder).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model: nano, a model folder, a .gguf file or org/name.")] = None,
+    backend: Annotated[Optional[BackendName], typer.Option(help="Chat engine (default: from config.toml).")] = None,
+) -> None:
+    ctx.obj = GlobalOptions(home, model, backend)
+    if ctx.invoked_subcommand is None:
+        print(TUI_LATER)
+        raise typer.Exit(0)
+
+
+@app.command()
+def ask(
+    ctx: typer.Context,
+    message: Annotated[str, typer.Argument(help='The message, or "-" to read all of stdin.')],
+    session: SessionOption = None,
+    private: PrivateFlag = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Ask one question and print the answer as it streams."""
+    ws = workspace(ctx)
+    text = _read_stdin_message() if message == "-" else message
+    with _maybe_store(ws, needed=not private or session is not None) as store:
+        with _open_chat(ws, store, session, private) as conversation:
+            reply = conversation.reply(text, on_piece=None if json_output else _write_piece)
+    if json_output:
+        _print_json({"session_id": reply.session_id, "message_id": reply.message_id, "reply": reply.text,
+                     "status": reply.status, "model": conversation.model, "prompt_tokens": reply.prompt_tokens,
+                     "completion_tokens": reply.completion_tokens})
+    else:
+        print()
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    plain: Annotated[bool, typer.Option("--plain", help="Line-based chat on stdin/stdout, for scripts and pipes.")] = False,
+    session: SessionOption = None,
+    private: PrivateFlag = False,
+) -> None:
+    """Chat turn by turn: each line of stdin is one message, each answer one block on stdout.
+
+    A turn that fails is reported on stderr and the chat goes on; the exit status is then 2.
+    """
+    if not plain:
+        print(TUI_LATER)
+        return
+    from backends.base import BackendError
+
+    ws = workspace(ctx)
+    interactive = sys.stdin.isatty()
+    failed = False
+    with _maybe_store(ws, needed=True) as store, _open_chat(ws, store, session, private) as conversation:
+        for line in _stdin_lines(prompt="> " if interactive else None):
+            if not line.strip():
+                continue
+            try:
+                conversation.reply(line, on_piece=_write_piece)
+            except (SomnusError, BackendError) as error:
+                _print_error(error)
+                failed = True
+            except KeyboardInterrupt:  # Ctrl-C stops the reply (recorded as cancelled), not the chat
+                if not interactive:
+                    raise
+                print("\n[cancelled]", end="")
+            print(flush=True)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def sessions(
+    ctx: typer.Context,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the most recent N.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List the recorded sessions, the most recent first."""
+    with _maybe_store(workspace(ctx), needed=True) as store:
+        rows = store.sessions(limit)
+    if json_output:
+        _print_json(rows)
+        return
+    _print_table(["id", "updated", "messages", "model", "title"],
+                 [[row["id"], _short_time(row["updated"]), row["message_count"], row["model"], row["title"]]
+                  for row in rows])
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    session_id: Annotated[int, typer.Argument(metavar="ID")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Print one session's messages."""
+    with _maybe_store(workspace(ctx), needed=True) as store:
+        session, messages = store.session(session_id), store.messages(session_id)
+    if json_output:
+        _print_json({"session": session, "messages": messages})
+        return
+    print(f"session {session['id']}: {session['title']}  ({session['model']}, {_short_time(session['created'])})")
+    for message in messages:
+        status = "" if message["status"] == "complete" else f" [{message['status']}]"
+        print(f"\n--- {message['role']}{status} · {_short_time(message['created'])}")
+        print(message["content"])
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="Words to find (all of them, in any order).")],
+    limit: Annotated[int, typer.Option(min=1)] = 20,
+    json_output: JsonFlag = False,
+) -> None:
+    """Find messages by their words (full-text search)."""
+    with _maybe_store(workspace(ctx), needed=True) as store:
+        rows = store.search(query, limit)
+    if json_output:
+        _print_json(rows)
+        return
+    _print_table(["session", "message", "role", "when", "match"],
+                 [[row["session_id"], row["message_id"], row["role"], _short_time(row["created"]), row["snippet"]]
+                  for row in rows])
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    session_id: Annotated[Optional[int], typer.Argument(metavar="[ID]", help="One session (default: all).")] = None,
+    format_: Annotated[Literal["md", "json"], typer.Option("--format", help="Markdown, or JSON (a list of sessions).")] = "md",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (mode 0600).")] = None,
+) -> None:
+    """Export sessions with their messages, oldest first."""
+    with _maybe_store(workspace(ctx), needed=True) as store:
+        ids = [session_id] if session_id is not None else [row["id"] for row in reversed(store.sessions())]
+        exported = [{**store.session(one), "messages": store.messages(one)} for one in ids]
+    if format_ == "json":
+        document = json.dumps(exported, ensure_ascii=False, indent=2) + "\n"
+    else:
+        document = "\n".join(_markdown(session) for session in exported)
+    if output is None:
+        sys.stdout.write(document)
+    else:
+        write_private_file(output.expanduser().resolve(), document.encode("utf-8"))
+
+
+@app.command()
+def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+    """Where the data lives, which model and engine would answer, and what has been recorded."""
+    from assistant.models import ModelError, resolve_model
+
+    ws = workspace(ctx)
+    try:
+        model, model_problem = resolve_model(ws.config.model, ws.paths).ref, None
+    except ModelError as error:
+        model, model_problem = ws.config.model, str(error)
+    engines, engine_problem = _engines(ws.config.backend)
+    with _maybe_store(ws, needed=True) as store:
+        report = {
+            "home": str(ws.paths.home),
+            "config_file": str(ws.paths.config_file),
+            "database": str(ws.paths.database),
+            "model": model,
+            "model_problem": model_problem,
+            "backend": ws.config.backend,
+            "chat_engine": engines[0] if engines else None,
+            "training_engine": engines[1] if engines else None,
+            "engine_problem": engine_problem,
+            **store.counts(),
+            "live_adapters": [adapter["version"] for adapter in store.sleep.live_adapters()],
+            "unconsolidated_sessions": len(store.sleep.unconsolidated_sessions()),
+            "last_sleep_run": store.sleep.last_run(),
+        }
+    if json_output:
+        _print_json(report)
+        return
+    for key, value in report.items():
+        if value is not None:
+            print(f"{key.replace('_', ' ')}: {value}")
+
+
+@model_app.command("ls")
+def model_ls(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+    """List the bundled, downloaded and configured models (* marks the one in use)."""
+    from assistant.models import known_models
+
+    ws = workspace(ctx)
+    rows = known_models(ws.paths, ws.config.model)
+    if json_output:
+        _print_json(rows)
+        return
+    _print_table(["", "model", "kind", "state"],
+                 [["*" if row["current"] else "", row["ref"], row["kind"], "ready" if row["ready"] else row["problem"]]
+                  for row in rows])
+
+
+@model_app.command("pull")
+def model_pull(ctx: typer.Context, repo_id: Annotated[str, typer.Argument(metavar="ORG/NAME")]) -> None:
+    """Download a model from the Hugging Face hub into the data folder."""
+    from assistant.models import pull_model
+
+    model = pull_model(repo_id, workspace(ctx).paths)
+    print(f"downloaded {model.ref} to {model.path}; use it with `somnus model use {model.ref}`")
+
+
+@model_app.command("use")
+def model_use(ctx: typer.Context, ref: Annotated[str, typer.Argument(metavar="MODEL")]) -> None:
+    """Make MODEL the default (written to config.toml); it must be available locally."""
+    from assistant.models import resolve_model
+
+    ws = workspace(ctx)
+    model = resolve_model(ref, ws.paths)
+    update_config(ws.paths, model=model.ref)
+    print(f"model set to {model.ref}")
+
+
+def main() -> None:
+    """Console entry point: private files by default, and user errors as one line with exit 2."""
+    os.umask(0o077)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+    from backends.base import BackendError
+
+    try:
+        app(prog_name="somnus")
+    except (SomnusError, BackendError) as error:
+        _print_error(error)
+        sys.exit(2)
+
+
+@contextmanager
+def _maybe_store(ws: Workspace, needed: bool) -> Iterator[Store | None]:
+    """The data folder's store, open for the block (None when not needed: a private one-off turn)."""
+    if not needed:
+        yield None
+        return
+    from assistant.store import open_store
+
+    with open_store(ws.paths, ws.config) as store:
+        yield store
+
+
+@contextmanager
+def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, private: bool) -> Iterator[Chat]:
+    """A Chat on a freshly loaded engine, which is closed again afterwards."""
+    from assistant.chat import Chat, sampling_from
+    from assistant.models import open_chat_backend
+
+    if store is not None and session_id is not None:
+        store.session(session_id)  # fail on a wrong id before spending time loading a model
+    backend, model = open_chat_backend(ws.config, ws.paths)
+    try:
+        yield Chat(backend, model=model.ref, store=store, session_id=session_id,
+                   sampling=sampling_from(ws.config), private=private)
+    finally:
+        backend.close()
+
+
+def _engines(requested: str) -> tuple[tuple[str, str] | None, str | None]:
+    """The engines ``requested`` resolves to on this machine, or why it cannot (shown by ``status``)."""
+    from backends.base import BackendError
+
+    try:
+        from backends.select import choose_engines
+
+        return choose_engines(requested), None
+    except (BackendError, ImportError) as error:
+        return None, str(error)
+
+
+def _read_stdin_message() -> str:
+    """All of stdin as text; undecodable bytes become U+FFFD rather than an error or a lost message."""
+    return sys.stdin.buffer.read().decode("utf-8", errors="replace").rstrip()
+
+
+def _stdin_lines(prompt: str | None) -> Iterator[str]:
+    lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    while True:
+        if prompt:
+            print(prompt, end="", flush=True)
+        line = lines.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def _write_piece(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _print_error(error: BaseException) -> None:
+    print("somnus: " + " ".join(str(error).split()), file=sys.stderr)
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def _print_table(columns: list[str], rows: list[list[object]]) -> None:
+    table = Table(*columns, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
+    Console().print(table)
+
+
+def _short_time(stamp: str) -> str:
+    """``2024-05-01T12:34:56.789+00:00`` as ``2024-05-01 12:34`` (UTC, as recorded)."""
+    return stamp[:16].replace("T", " ")
+
+
+def _markdown(session: dict) -> str:
+    lines = [f"# {session['title'] or 'Session ' + str(session['id'])}", "",
+             f"- session: {session['id']}", f"- created: {session['created']}", f"- model: {session['model']}", ""]
+    for message in session["messages"]:
+        status = "" if message["status"] == "complete" else f", {message['status']}"
+        lines += [f"## {message['role']} ({message['created']}{status})", "", message["content"], ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
