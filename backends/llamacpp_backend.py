@@ -60,7 +60,7 @@ class LlamaCppBackend:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self.context_length = self._llm.n_ctx()
         self._metadata = dict(self._llm.metadata)
-        self._attached: dict[Path, object] = {}
+        self._attached: dict[tuple[Path, int], object] = {}
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         template = self._metadata.get("tokenizer.chat_template")
@@ -124,14 +124,16 @@ class LlamaCppBackend:
         return (rows[np.arange(len(completion_ids)), completion_ids] - log_norm).tolist()
 
     def set_adapters(self, adapters: Sequence[Adapter]) -> None:
-        files = [self._adapter_gguf(Path(adapter.path)) for adapter in adapters]
-        handles = {path: self._attached.get(path) or self._load_adapter(path) for path in files}
-        pointers = (self._lib.llama_adapter_lora_p_ctypes * len(files))(*(handles[p] for p in files))
-        scales = (ctypes.c_float * len(files))(*(float(adapter.scale) for adapter in adapters))
-        if self._lib.llama_set_adapters_lora(self._llm.ctx, pointers, len(files), scales) != 0:
-            raise BackendError(f"llama.cpp refused the adapters {', '.join(map(str, files))} ({_last_error()})")
-        for path, handle in self._attached.items():
-            if path not in handles:
+        # Keyed by file and modification time: an adapter re-trained in place is loaded afresh.
+        keys = [(path, path.stat().st_mtime_ns) for path in (self._adapter_gguf(Path(a.path)) for a in adapters)]
+        handles = {key: self._attached.get(key) or self._load_adapter(key[0]) for key in keys}
+        pointers = (self._lib.llama_adapter_lora_p_ctypes * len(keys))(*(handles[key] for key in keys))
+        scales = (ctypes.c_float * len(keys))(*(float(adapter.scale) for adapter in adapters))
+        if self._lib.llama_set_adapters_lora(self._llm.ctx, pointers, len(keys), scales) != 0:
+            names = ", ".join(str(path) for path, _ in keys)
+            raise BackendError(f"llama.cpp refused the adapters {names} ({_last_error()})")
+        for key, handle in self._attached.items():
+            if key not in handles:
                 self._lib.llama_adapter_lora_free(handle)
         self._attached = handles
         self._llm.reset()  # the cached prompt was computed under the previous adapters
