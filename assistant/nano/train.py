@@ -1,0 +1,167 @@
+"""Train Somnus nano from a seed: ``python -m assistant.nano.train --out DIR``.
+
+A plain loop in the spirit of nanoGPT: the world generator writes sessions, the tokenizer is trained
+on them, and a small Llama learns to answer from its context (loss on the assistant's turns, and a
+little on the user's, so that every token of a name gets a trained embedding). Deterministic for a
+given seed and step count on a given machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from assistant.nano import evaluate
+from assistant.nano import tokenizer as nano_tokenizer
+from assistant.nano.world import Session, World
+
+USER_WEIGHT = 0.1  # loss weight of non-assistant tokens: enough to train embeddings, not to distract
+MAX_TOKENS = 512
+
+
+def model_config(tok: PreTrainedTokenizerFast) -> LlamaConfig:
+    """About 3.6M parameters: 4 layers of width 256, tied embeddings, a 1024-token context."""
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def encode(session: Session, tok: PreTrainedTokenizerFast) -> tuple[list[int], list[float]]:
+    """Token ids of the rendered session and a loss weight per position (assistant turns weigh 1)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for message in session.messages:
+        head = tok.encode(f"<|im_start|>{message['role']}\n", add_special_tokens=False)
+        body = tok.encode(f"{message['content']}<|im_end|>\n", add_special_tokens=False)
+        target = 1.0 if message["role"] == "assistant" and message["train"] else USER_WEIGHT
+        if message["role"] == "assistant" and not message["train"]:
+            target = 0.0
+        ids += head + body
+        weights += [USER_WEIGHT] * len(head) + [target] * len(body)
+    return ids[:MAX_TOKENS], weights[:MAX_TOKENS]
+
+
+def batches(world: World, tok: PreTrainedTokenizerFast, batch_size: int):
+    """Endless padded batches; sessions of similar length are grouped to waste little compute."""
+    while True:
+        pool = [encode(world.session(), tok) for _ in range(batch_size * 8)]
+        pool.sort(key=lambda item: len(item[0]))
+        chunks = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+        world.rng.shuffle(chunks)
+        for chunk in chunks:
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            weights = torch.zeros((len(chunk), width))
+            for row, (seq, w) in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                weights[row, : len(w)] = torch.tensor(w)
+            yield ids, weights
+
+
+def weighted_loss(model: LlamaForCausalLM, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[:, :-1]
+    targets, w = ids[:, 1:], weights[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return (nll * w.reshape(-1)).sum() / w.sum()
+
+
+def greedy_reply(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, max_new_tokens: int = 48):
+    """A ``reply(messages)`` callable on an in-memory model, for evaluation during training."""
+
+    @torch.no_grad()
+    def reply(messages: list[dict]) -> str:
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    return reply
+
+
+def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, log_every: int = 100) -> dict:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    started = time.time()
+    corpus_world = World(seed + 1)
+    corpus = [
+        "\n".join(m["content"] for m in corpus_world.session().messages) for _ in range(20000)
+    ]
+    tok = nano_tokenizer.train_tokenizer(corpus, vocab_size=2048)
+    model = LlamaForCausalLM(model_config(tok))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {params / 1e6:.2f}M, vocab {len(tok)}", flush=True)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+    warmup = min(200, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))),
+    )
+    eval_sessions = evaluate.heldout_sessions(seed + 999, 20)
+    data = batches(World(seed), tok, batch_size)
+    model.train()
+    for step in range(1, steps + 1):
+        ids, weights = next(data)
+        loss = weighted_loss(model, ids, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == steps:
+            line = f"step {step}/{steps} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f}s"
+            if step % (log_every * 5) == 0 or step == steps:
+                model.eval()
+                line += f" in-context {evaluate.in_context_accuracy(greedy_reply(model, tok), eval_sessions):.3f}"
+                model.train()
+            print(line, flush=True)
+    seconds = time.time() - started
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    nano_tokenizer.save(tok, out)
+    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "parameters": params,
+            "train_seconds": round(seconds, 1)}
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(train(args.out, args.seed, args.steps, args.batch_size, args.lr)))
+
+
+if __name__ == "__main__":
+    main()
