@@ -150,11 +150,11 @@ def _read_table(path: Path) -> dict[str, object]:
 
 
 def _validated(table: dict[str, object], path: Path) -> Config:
-    unknown = sorted(set(table) - set(_RULES))
+    unknown = sorted(set(table) - set(SETTING_RULES))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(_RULES)})")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(SETTING_RULES)})")
     for key, value in table.items():
-        is_valid, requirement = _RULES[key]
+        is_valid, requirement = SETTING_RULES[key]
         if not is_valid(value):
             raise ConfigError(f"{path}: {key} {requirement} (got {value!r})")
     floats = {field.name for field in dataclasses.fields(Config) if field.type == "float"}
@@ -169,7 +169,7 @@ def _is_positive_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+SETTING_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "model": (lambda value: isinstance(value, str) and bool(value.strip()), "must be a non-empty string"),
     "backend": (lambda value: value in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
     "max_tokens": (_is_positive_integer, "must be a positive integer"),
