@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,14 +139,7 @@ def gguf_for(model: Model, paths: Paths) -> Path:
         return export
     from backends.gguf_export import export_model
 
-    handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{slug}-", suffix=".gguf")
-    os.close(handle)
-    try:
-        export_model(source, Path(partial))
-        os.chmod(partial, PRIVATE_FILE_MODE)
-        os.replace(partial, export)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    export_model(source, export)  # appears whole (mode 0600) or not at all: the cache never holds half a file
     for stale in folder.glob(f"{slug}-*.gguf"):
         if stale != export:
             stale.unlink()
