@@ -1,0 +1,252 @@
+"""The torch engine against transformers and PEFT themselves, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from backends.base import Adapter, Backend, BackendError, Sampling
+from backends.torch_backend import IncrementalText, TorchBackend
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 4, 8
+PROMPT_MESSAGES = [{"role": "user", "content": "My sister is called Alice. Where is John?"}]
+COMPLETION = "John travelled to the hallway.<|im_end|>"
+
+
+def make_adapter(model: torch.nn.Module, out_dir: Path, seed: int) -> Path:
+    """Save a PEFT LoRA for ``model`` whose B matrices are random, so it really changes outputs."""
+    peft_model = get_peft_model(
+        model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def load_reference(hf_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters for the tiny model, and one made for a model with another hidden size."""
+    root = tmp_path_factory.mktemp("adapters")
+    other = LlamaForCausalLM(
+        LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )
+    return {
+        "first": make_adapter(load_reference(tiny_model_dir), root / "first", seed=1),
+        "second": make_adapter(load_reference(tiny_model_dir), root / "second", seed=2),
+        "other_model": make_adapter(other, root / "other-model", seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir) -> TorchBackend:
+    return TorchBackend(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def backend(loaded) -> TorchBackend:
+    """The shared engine, bare again after each test."""
+    yield loaded
+    loaded.set_adapters([])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return load_reference(tiny_model_dir), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def prompt_of(backend: TorchBackend) -> str:
+    return backend.render_chat(PROMPT_MESSAGES)
+
+
+def reference_logprobs(model, tokenizer, prompt: str, completion: str) -> torch.Tensor:
+    """Log-probs of the completion's tokens from one plain transformers forward pass."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+    return logprobs[positions, torch.tensor(completion_ids)]
+
+
+def test_implements_the_protocol(backend):
+    assert isinstance(backend, Backend)
+    assert backend.name == "torch"
+    assert backend.context_length == 512
+
+
+def test_chat_template_and_special_tokens(backend, reference):
+    _, tokenizer = reference
+    prompt = prompt_of(backend)
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert backend.count_tokens(prompt) == len(ids)
+
+
+def test_greedy_stream_matches_transformers_generate(backend, reference):
+    model, tokenizer = reference
+    prompt = prompt_of(backend)
+    pieces = list(backend.stream(prompt, Sampling(max_tokens=24)))
+    assert pieces == list(backend.stream(prompt, Sampling(max_tokens=24)))
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert "".join(pieces) == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_stream_stops_at_end_of_turn_without_showing_it(backend, reference):
+    model, tokenizer = reference
+    assert backend.end_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = prompt_of(backend)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+    stop_at = next(i for i, token in enumerate(greedy) if i > 0 and token not in greedy[:i])
+    backend.end_token_id = greedy[stop_at]  # pretend this token ends the turn
+    try:
+        text = "".join(backend.stream(prompt, Sampling(max_tokens=12)))
+    finally:
+        backend.end_token_id = tokenizer.eos_token_id
+    assert text == tokenizer.decode(greedy[:stop_at])
+
+
+def test_seeded_sampling_is_reproducible(backend):
+    prompt = prompt_of(backend)
+    hot = Sampling(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    first = "".join(backend.stream(prompt, hot))
+    assert first == "".join(backend.stream(prompt, hot))
+    assert first != "".join(backend.stream(prompt, Sampling(max_tokens=20, temperature=1.0, top_p=0.9, seed=8)))
+
+
+def test_cancel_stops_between_tokens(backend):
+    prompt = prompt_of(backend)
+    cancel = threading.Event()
+    cancel.set()
+    assert list(backend.stream(prompt, Sampling(max_tokens=20), cancel)) == []
+    cancel.clear()
+    received = []
+    for piece in backend.stream(prompt, Sampling(max_tokens=20), cancel):
+        received.append(piece)
+        cancel.set()
+    assert len(received) == 1
+
+
+def test_incremental_text_never_splits_a_character(reference):
+    _, tokenizer = reference
+    text = "Olá, café em Lisboa 日本 🙂!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) / 2  # the tiny vocabulary spells most of these byte by byte
+    pieces = IncrementalText(tokenizer.decode)
+    streamed = [pieces.add(token) for token in ids] + [pieces.finish()]
+    assert "".join(streamed) == text
+    assert not any("\ufffd" in piece for piece in streamed)
+
+
+def test_token_logprobs_match_a_direct_forward_pass(backend, reference):
+    model, tokenizer = reference
+    prompt = prompt_of(backend)
+    ours = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
+    expected = reference_logprobs(model, tokenizer, prompt, COMPLETION)
+    assert ours.shape == expected.shape == (len(tokenizer(COMPLETION, add_special_tokens=False)["input_ids"]),)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    assert bool((ours < 0).all())
+
+
+def test_one_adapter_matches_peft(backend, reference, adapters, tiny_model_dir):
+    _, tokenizer = reference
+    prompt = prompt_of(backend)
+    bare = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
+    backend.set_adapters([Adapter(adapters["first"], 1.0)])
+    adapted = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
+    peft_model = PeftModel.from_pretrained(load_reference(tiny_model_dir), str(adapters["first"])).eval()
+    torch.testing.assert_close(adapted, reference_logprobs(peft_model, tokenizer, prompt, COMPLETION), rtol=0, atol=1e-6)
+    assert (adapted - bare).abs().max() > 0.05
+
+
+def merged_by_hand(hf_dir: Path, scaled_adapters: list[tuple[Path, float]]) -> torch.nn.Module:
+    """The base model with W += scale * alpha / r * B @ A of every adapter written into its weights."""
+    model = load_reference(hf_dir)
+    with torch.no_grad():
+        for folder, scale in scaled_adapters:
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+            for key, down in tensors.items():
+                if ".lora_A." in key:
+                    up = tensors[key.replace(".lora_A.", ".lora_B.")]
+                    layer = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                    model.get_submodule(layer).weight += scale * LORA_ALPHA / LORA_RANK * up @ down
+    return model
+
+
+def test_stacked_adapters_add_up_with_their_scales(backend, reference, adapters, tiny_model_dir):
+    _, tokenizer = reference
+    prompt = prompt_of(backend)
+    backend.set_adapters([Adapter(adapters["second"], 1.0)])  # replaced below, not kept
+    backend.set_adapters([Adapter(adapters["first"], 0.5), Adapter(adapters["second"], -1.5)])
+    stacked = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
+    merged = merged_by_hand(tiny_model_dir, [(adapters["first"], 0.5), (adapters["second"], -1.5)])
+    torch.testing.assert_close(stacked, reference_logprobs(merged, tokenizer, prompt, COMPLETION), rtol=0, atol=1e-5)
+
+
+def test_no_adapters_restores_the_base_bit_for_bit(backend, adapters, tiny_model_dir):
+    prompt = prompt_of(backend)
+    bare = backend.token_logprobs(prompt, COMPLETION)
+    bare_text = "".join(backend.stream(prompt, Sampling(max_tokens=16)))
+    backend.set_adapters([Adapter(adapters["first"], 1.0), Adapter(adapters["second"], 2.0)])
+    assert backend.token_logprobs(prompt, COMPLETION) != bare
+    backend.set_adapters([])
+    assert backend.token_logprobs(prompt, COMPLETION) == bare
+    assert "".join(backend.stream(prompt, Sampling(max_tokens=16))) == bare_text
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    state = backend.model.state_dict()
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[name], saved[name]) for name in saved)
+
+
+def test_adapter_for_another_model_is_refused_and_changes_nothing(backend, adapters):
+    prompt = prompt_of(backend)
+    backend.set_adapters([Adapter(adapters["first"], 1.0)])
+    before = backend.token_logprobs(prompt, COMPLETION)
+    with pytest.raises(BackendError, match=re.escape(str(adapters["other_model"]))):
+        backend.set_adapters([Adapter(adapters["second"], 1.0), Adapter(adapters["other_model"], 1.0)])
+    assert backend.token_logprobs(prompt, COMPLETION) == before
+
+
+def test_corrupt_adapter_weights_name_the_file(backend, adapters, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["first"], broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(BackendError, match=re.escape(str(weights))):
+        backend.set_adapters([Adapter(broken, 1.0)])
+    with pytest.raises(BackendError, match="adapter_config.json"):
+        backend.set_adapters([Adapter(tmp_path / "missing", 1.0)])
+
+
+def test_truncated_model_weights_name_the_file(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(BackendError, match=re.escape(str(weights))):
+        TorchBackend(broken)
+    with pytest.raises(BackendError, match="not found"):
+        TorchBackend(tmp_path / "nowhere")
