@@ -18,6 +18,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from backends.base import Adapter, BackendError, Sampling
+from backends.incremental_text import IncrementalText
 from backends.peft_io import LoraBlock, check_lora_fits, read_lora, read_model_config
 
 
@@ -38,6 +39,7 @@ class MlxBackend:
         if mx.default_device() == mx.cpu:
             self.model.set_dtype(mx.float32)
         self.context_length = int(config.get("max_position_embeddings", self.tokenizer.model_max_length))
+        self.end_token_id = self.tokenizer.eos_token_id
         self.linears = {  # the model's own layers, put back when adapters change
             name: module
             for name, module in self.model.named_modules()
@@ -60,7 +62,8 @@ class MlxBackend:
     def stream(
         self, prompt: str, sampling: Sampling = Sampling(), cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        from mlx_lm import stream_generate
+        """mlx-lm's token generator, decoded here: its own streaming detokenizer drops a leading space."""
+        from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
 
         prompt_ids = self.encode(prompt)
@@ -74,11 +77,18 @@ class MlxBackend:
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0)
-        for response in stream_generate(self.model, self.tokenizer, prompt_ids, max_tokens=budget, sampler=sampler):
+        text = IncrementalText(self.tokenizer.decode)
+        for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=budget, sampler=sampler):
             if cancel is not None and cancel.is_set():
                 return
-            if response.text:
-                yield response.text
+            if token == self.end_token_id:
+                break
+            piece = text.add(token)
+            if piece:
+                yield piece
+        rest = text.finish()
+        if rest:
+            yield rest
 
     def token_logprobs(self, prompt: str, completion: str) -> list[float]:
         prompt_ids, completion_ids = self.encode(prompt), self.encode(completion)

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.base import Adapter, BackendError, Sampling
+from backends.incremental_text import IncrementalText
 from backends.peft_io import check_lora_fits, read_lora, read_model_config
 
 
@@ -137,35 +138,6 @@ class TorchBackend:
         self.model = self.base_model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-class IncrementalText:
-    """Turns a growing list of token ids into new text pieces, never splitting a character.
-
-    Byte-level tokens can end in the middle of a multi-byte character, which decodes as U+FFFD;
-    such a tail is held back until the next token completes it. Only a short window of recent
-    tokens is decoded each step, so streaming stays linear in the output length.
-    """
-
-    def __init__(self, decode) -> None:
-        self.decode = decode
-        self.ids: list[int] = []
-        self.window_start = 0  # first token of the window decoded each step
-        self.read_end = 0  # tokens up to here have been turned into text
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        seen = self.decode(self.ids[self.window_start : self.read_end])
-        text = self.decode(self.ids[self.window_start :])
-        if len(text) <= len(seen) or text.endswith("\ufffd"):
-            return ""
-        self.window_start, self.read_end = self.read_end, len(self.ids)
-        return text[len(seen) :]
-
-    def finish(self) -> str:
-        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        seen = self.decode(self.ids[self.window_start : self.read_end])
-        return self.decode(self.ids[self.window_start :])[len(seen) :]
 
 
 def _pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from backends.base import Adapter, Backend, BackendError, Sampling
-from backends.torch_backend import IncrementalText, TorchBackend
+from backends.incremental_text import IncrementalText
+from backends.torch_backend import TorchBackend
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK, LORA_ALPHA = 4, 8
@@ -113,20 +114,25 @@ def test_greedy_stream_matches_transformers_generate(backend, reference):
     assert "".join(pieces) == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def check_stops_at_end_token(backend: Backend, greedy_ids: list[int], decode) -> None:
+    """Any engine: pretend a token the model greedily writes ends the turn; the stream stops before it."""
+    stop_at = next(i for i, token in enumerate(greedy_ids) if i > 0 and token not in greedy_ids[:i])
+    usual = backend.end_token_id
+    backend.end_token_id = greedy_ids[stop_at]
+    try:
+        text = "".join(backend.stream(backend.render_chat(PROMPT_MESSAGES), Sampling(max_tokens=len(greedy_ids))))
+    finally:
+        backend.end_token_id = usual
+    assert text == decode(greedy_ids[:stop_at])
+
+
 def test_stream_stops_at_end_of_turn_without_showing_it(backend, reference):
     model, tokenizer = reference
     assert backend.end_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompt = prompt_of(backend)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt_of(backend), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
-    stop_at = next(i for i, token in enumerate(greedy) if i > 0 and token not in greedy[:i])
-    backend.end_token_id = greedy[stop_at]  # pretend this token ends the turn
-    try:
-        text = "".join(backend.stream(prompt, Sampling(max_tokens=12)))
-    finally:
-        backend.end_token_id = tokenizer.eos_token_id
-    assert text == tokenizer.decode(greedy[:stop_at])
+    check_stops_at_end_token(backend, greedy, tokenizer.decode)
 
 
 def test_seeded_sampling_is_reproducible(backend):
@@ -137,8 +143,9 @@ def test_seeded_sampling_is_reproducible(backend):
     assert first != "".join(backend.stream(prompt, Sampling(max_tokens=20, temperature=1.0, top_p=0.9, seed=8)))
 
 
-def test_cancel_stops_between_tokens(backend):
-    prompt = prompt_of(backend)
+def check_cancel_stops_between_tokens(backend: Backend) -> None:
+    """Any engine: a set event ends the stream before the next token."""
+    prompt = backend.render_chat(PROMPT_MESSAGES)
     cancel = threading.Event()
     cancel.set()
     assert list(backend.stream(prompt, Sampling(max_tokens=20), cancel)) == []
@@ -148,6 +155,10 @@ def test_cancel_stops_between_tokens(backend):
         received.append(piece)
         cancel.set()
     assert len(received) == 1
+
+
+def test_cancel_stops_between_tokens(backend):
+    check_cancel_stops_between_tokens(backend)
 
 
 def test_incremental_text_never_splits_a_character(reference):
@@ -241,12 +252,17 @@ def test_corrupt_adapter_weights_name_the_file(backend, adapters, tmp_path):
         backend.set_adapters([Adapter(tmp_path / "missing", 1.0)])
 
 
-def test_truncated_model_weights_name_the_file(tiny_model_dir, tmp_path):
-    broken = tmp_path / "broken-model"
-    shutil.copytree(tiny_model_dir, broken)
+@pytest.fixture
+def truncated_model_dir(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the tiny model whose weights file stops halfway, like an interrupted download."""
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken-model")
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(BackendError, match=re.escape(str(weights))):
-        TorchBackend(broken)
+    return broken
+
+
+def test_truncated_model_weights_name_the_file(truncated_model_dir, tmp_path):
+    with pytest.raises(BackendError, match=re.escape(str(truncated_model_dir / "model.safetensors"))):
+        TorchBackend(truncated_model_dir)
     with pytest.raises(BackendError, match="not found"):
         TorchBackend(tmp_path / "nowhere")
