@@ -284,8 +284,10 @@ def _every_loss(ops):
     logprobs = completion_logprobs(ops, ops.asarray(student), tokens, temperature=0.7)
     advantages = group_advantages(ops, [0.2, 0.9])
     pg = policy_gradient_loss(ops, logprobs, advantages, ops.asarray(mask))
-    jsd = {beta: generalized_jsd(ops, ops.asarray(student), ops.asarray(teacher), ops.asarray(mask), beta, 1.3)
-           for beta in (0.0, 0.5, 1.0)}
+    jsd = {
+        beta: generalized_jsd(ops, ops.asarray(student), ops.asarray(teacher), ops.asarray(mask), beta, 1.3)
+        for beta in (0.0, 0.5, 1.0)
+    }
     return {
         "completion_logprobs": logprobs,
         "group_advantages": advantages,
@@ -317,7 +319,8 @@ def test_one_training_step_is_the_same_on_torch_and_mlx():
     def loss(ops, student_logits):
         advantages = group_advantages(ops, [1.0, 0.0])
         pg = policy_gradient_loss(ops, completion_logprobs(ops, student_logits, tokens), advantages, ops.asarray(mask))
-        return seeding_objective(ops, -pg, generalized_jsd(ops, student_logits, ops.asarray(teacher), ops.asarray(mask)))
+        jsd = generalized_jsd(ops, student_logits, ops.asarray(teacher), ops.asarray(mask))
+        return seeding_objective(ops, -pg, jsd)
 
     torch_student = torch.from_numpy(student).requires_grad_(True)
     torch_value = loss(TORCH_OPS, torch_student)

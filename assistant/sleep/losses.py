@@ -17,11 +17,13 @@ import math
 from backends.ops import ArrayOps
 
 # The paper leaves these open; they are starting points to be measured, not tuned results.
-JSD_BETA = 0.5  # symmetric JSD is bounded by ln 2, so a student that misses the teacher's tokens cannot blow up the loss
+JSD_BETA = 0.5  # symmetric JSD is bounded by ln 2: a student missing the teacher's tokens cannot blow it up
 SEEDING_ALPHA = 0.5  # both terms are per-token means of similar scale (JSD <= ln 2, advantages of unit spread)
 
 
-def generalized_jsd(ops: ArrayOps, student_logits, teacher_logits, mask, beta: float = JSD_BETA, temperature: float = 1.0):
+def generalized_jsd(
+    ops: ArrayOps, student_logits, teacher_logits, mask, beta: float = JSD_BETA, temperature: float = 1.0
+):
     """Mean over completion tokens of the generalized Jensen-Shannon divergence JSD(beta).
 
     Why: Knowledge Seeding moves what the teacher (model + session in context) predicts into the
