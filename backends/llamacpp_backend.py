@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from backends.base import Adapter, BackendError, Sampling, render_chat_template
 
@@ -30,7 +31,11 @@ _log_callback = None  # kept referenced: llama.cpp calls it for the life of the 
 
 
 class LlamaCppBackend:
-    """A GGUF model loaded in llama.cpp that streams, scores and wears LoRA adapters."""
+    """A GGUF model loaded in llama.cpp that streams, scores and wears LoRA adapters.
+
+    ``n_ctx`` defaults to the model's trained context, at most DEFAULT_MAX_CONTEXT tokens (the KV
+    cache of a long-context model would not fit a laptop); llama.cpp rounds it up to a multiple of 256.
+    """
 
     name = "llamacpp"
 
@@ -49,7 +54,7 @@ class LlamaCppBackend:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.gguf_path),
                 n_ctx=n_ctx or min(trained_context, DEFAULT_MAX_CONTEXT),
-                n_threads=os.cpu_count() or 1,
+                n_threads=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
                 type_k=kv_type,
                 type_v=kv_type,
                 verbose=False,
