@@ -30,7 +30,7 @@ class MlxBackend:
     def __init__(self, hf_dir: Path) -> None:
         from mlx_lm import load
 
-        hf_dir = Path(hf_dir)
+        self.hf_dir = hf_dir = Path(hf_dir)
         config = read_model_config(hf_dir)
         try:
             self.model, self.tokenizer = load(str(hf_dir), model_config=_rope_settings(config))
@@ -48,6 +48,8 @@ class MlxBackend:
         self.adapted: list[str] = []  # names of layers currently wrapped in a LoRALinear
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.has_chat_template:
+            raise BackendError(f"{self.hf_dir}: the model has no chat template")
         return self.tokenizer.apply_chat_template(
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )

@@ -34,7 +34,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, hf_dir: Path, device: str | torch.device | None = None) -> None:
-        hf_dir = Path(hf_dir)
+        self.hf_dir = hf_dir = Path(hf_dir)
         read_model_config(hf_dir)
         self.device = torch.device(device) if device is not None else pick_device()
         dtype = torch.float32 if self.device.type == "cpu" else "auto"
@@ -54,6 +54,8 @@ class TorchBackend:
         self.end_token_id = self.tokenizer.eos_token_id
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise BackendError(f"{self.hf_dir}: the model has no chat template")
         return self.tokenizer.apply_chat_template(
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -109,7 +111,7 @@ class TorchBackend:
 
     def set_adapters(self, adapters: Sequence[Adapter]) -> None:
         """Attach PEFT folders as named adapters, all active at once, each scaled by its ``scale``."""
-        from peft import PeftModel
+        from peft import LoraConfig, PeftModel
 
         for adapter in adapters:  # every folder is checked before the model is touched
             check_lora_fits(adapter.path, read_lora(adapter.path), self.linear_shapes)
@@ -117,9 +119,10 @@ class TorchBackend:
         if not adapters:
             return
         names = [f"adapter{index}" for index in range(len(adapters))]
-        peft_model = PeftModel.from_pretrained(self.base_model, str(adapters[0].path), adapter_name=names[0])
-        self.model = peft_model
-        for name, adapter in zip(names[1:], adapters[1:]):
+        # Wrap first, load after: even a failed load leaves a handle that the next call unloads.
+        first_config = LoraConfig.from_pretrained(str(adapters[0].path))
+        self.model = peft_model = PeftModel(self.base_model, first_config, adapter_name=names[0])
+        for name, adapter in zip(names, adapters):
             peft_model.load_adapter(str(adapter.path), adapter_name=name)
         peft_model.base_model.set_adapter(names, inference_mode=True)
         for module in peft_model.modules():

@@ -14,12 +14,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
-from test_torch_backend import (  # noqa: F401 (two fixtures among them)
+from test_torch_backend import (  # noqa: F401 (fixtures among them)
     COMPLETION,
     PROMPT_MESSAGES,
     adapters,
     check_cancel_stops_between_tokens,
     check_stops_at_end_token,
+    templateless_model_dir,
     truncated_model_dir,
 )
 
@@ -120,7 +121,7 @@ def test_rope_parameters_written_by_transformers_5_are_honoured(tiny_model_dir, 
     )
 
 
-def test_bad_adapters_and_weights_are_refused(engines, adapters, truncated_model_dir):  # noqa: F811
+def test_bad_inputs_are_refused(engines, adapters, truncated_model_dir, templateless_model_dir):  # noqa: F811
     mlx_engine, _ = engines
     prompt = mlx_engine.render_chat(PROMPT_MESSAGES)
     mlx_engine.set_adapters([Adapter(adapters["first"], 1.0)])
@@ -130,3 +131,5 @@ def test_bad_adapters_and_weights_are_refused(engines, adapters, truncated_model
     assert mlx_engine.token_logprobs(prompt, COMPLETION) == before
     with pytest.raises(BackendError, match=re.escape(str(truncated_model_dir / "model.safetensors"))):
         MlxBackend(truncated_model_dir)
+    with pytest.raises(BackendError, match="no chat template"):
+        MlxBackend(templateless_model_dir).render_chat(PROMPT_MESSAGES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -189,7 +190,8 @@ def test_one_adapter_matches_peft(backend, reference, adapters, tiny_model_dir):
     backend.set_adapters([Adapter(adapters["first"], 1.0)])
     adapted = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
     peft_model = PeftModel.from_pretrained(load_reference(tiny_model_dir), str(adapters["first"])).eval()
-    torch.testing.assert_close(adapted, reference_logprobs(peft_model, tokenizer, prompt, COMPLETION), rtol=0, atol=1e-6)
+    expected = reference_logprobs(peft_model, tokenizer, prompt, COMPLETION)
+    torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-6)
     assert (adapted - bare).abs().max() > 0.05
 
 
@@ -214,7 +216,8 @@ def test_stacked_adapters_add_up_with_their_scales(backend, reference, adapters,
     backend.set_adapters([Adapter(adapters["first"], 0.5), Adapter(adapters["second"], -1.5)])
     stacked = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
     merged = merged_by_hand(tiny_model_dir, [(adapters["first"], 0.5), (adapters["second"], -1.5)])
-    torch.testing.assert_close(stacked, reference_logprobs(merged, tokenizer, prompt, COMPLETION), rtol=0, atol=1e-5)
+    expected = reference_logprobs(merged, tokenizer, prompt, COMPLETION)
+    torch.testing.assert_close(stacked, expected, rtol=0, atol=1e-5)
 
 
 def test_no_adapters_restores_the_base_bit_for_bit(backend, adapters, tiny_model_dir):
@@ -259,6 +262,22 @@ def truncated_model_dir(tiny_model_dir, tmp_path) -> Path:
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return broken
+
+
+@pytest.fixture
+def templateless_model_dir(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the tiny model whose tokenizer has no chat template."""
+    bare = shutil.copytree(tiny_model_dir, tmp_path / "no-template")
+    config_path = bare / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    return bare
+
+
+def test_a_model_without_chat_template_says_so(templateless_model_dir):
+    with pytest.raises(BackendError, match="no chat template"):
+        TorchBackend(templateless_model_dir).render_chat(PROMPT_MESSAGES)
 
 
 def test_truncated_model_weights_name_the_file(truncated_model_dir, tmp_path):
