@@ -193,7 +193,8 @@ def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, con
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
-    for role, add_id in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("pad", writer.add_pad_token_id)):
+    id_writers = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "pad": writer.add_pad_token_id}
+    for role, add_id in id_writers.items():
         token_id = _special_token_id(role, tokenizer_config, config, ids)
         if token_id is not None:
             add_id(token_id)

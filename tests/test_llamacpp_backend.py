@@ -84,7 +84,9 @@ def build_scripted_model(tiny_model_dir: Path, out_dir: Path, transitions: list[
 def test_render_chat_and_count_tokens_match_transformers(backend, hf_tokenizer):
     conversation = [*MESSAGES, {"role": "assistant", "content": "héllo 🎉\nJohn"}]
     for add_generation_prompt in (True, False):
-        expected = hf_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        expected = hf_tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         assert backend.render_chat(conversation, add_generation_prompt) == expected
         assert backend.count_tokens(expected) == len(hf_tokenizer.encode(expected, add_special_tokens=False))
     assert backend.context_length == 512
@@ -197,8 +199,9 @@ def test_adapter_for_another_model_is_refused_and_changes_nothing(backend, lora_
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    get_peft_model(LlamaForCausalLM(other), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "wide")
+    other = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    lora = get_peft_model(LlamaForCausalLM(other), LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "wide")
     prompt = backend.render_chat(MESSAGES)
     backend.set_adapters([Adapter(lora_pair[0])])
     before = backend.token_logprobs(prompt, COMPLETION)
