@@ -60,7 +60,7 @@ class LlamaCppBackend:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as error:
-            raise BackendError(f"{self.gguf_path}: llama.cpp cannot load it ({_last_error() or error})") from None
+            raise BackendError(f"{self.gguf_path}: llama.cpp cannot load it ({_last_error(str(error))})") from None
         self._lib = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self.context_length = self._llm.n_ctx()
@@ -239,10 +239,10 @@ def _import_llama_cpp():
     return llama_cpp
 
 
-def _last_error() -> str:
+def _last_error(fallback: str = "no details from llama.cpp") -> str:
     """llama.cpp's latest error line, without its ``function_name:`` prefix."""
     if not _recent_errors:
-        return "no details from llama.cpp"
+        return fallback
     return _recent_errors[-1].split(": ", 1)[-1]
 
 
