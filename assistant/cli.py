@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Optional
@@ -100,7 +100,7 @@ def ask(
     """Ask one question and print the answer as it streams."""
     ws = workspace(ctx)
     text = _read_stdin_message() if message == "-" else message
-    with _maybe_store(ws, needed=not private or session is not None) as store:
+    with _chat_store(ws, session, private) as store:
         with _open_chat(ws, store, session, private) as conversation:
             reply = conversation.reply(text, on_piece=None if json_output else _write_piece)
     if json_output:
@@ -130,7 +130,7 @@ def chat(
     ws = workspace(ctx)
     interactive = sys.stdin.isatty()
     failed = False
-    with _maybe_store(ws, needed=True) as store, _open_chat(ws, store, session, private) as conversation:
+    with _chat_store(ws, session, private) as store, _open_chat(ws, store, session, private) as conversation:
         for line in _stdin_lines(prompt="> " if interactive else None):
             if not line.strip():
                 continue
@@ -155,7 +155,7 @@ def sessions(
     json_output: JsonFlag = False,
 ) -> None:
     """List the recorded sessions, the most recent first."""
-    with _maybe_store(workspace(ctx), needed=True) as store:
+    with _open_store(workspace(ctx)) as store:
         rows = store.sessions(limit)
     if json_output:
         _print_json(rows)
@@ -172,7 +172,7 @@ def show(
     json_output: JsonFlag = False,
 ) -> None:
     """Print one session's messages."""
-    with _maybe_store(workspace(ctx), needed=True) as store:
+    with _open_store(workspace(ctx)) as store:
         session, messages = store.session(session_id), store.messages(session_id)
     if json_output:
         _print_json({"session": session, "messages": messages})
@@ -192,7 +192,7 @@ def search(
     json_output: JsonFlag = False,
 ) -> None:
     """Find messages by their words (full-text search)."""
-    with _maybe_store(workspace(ctx), needed=True) as store:
+    with _open_store(workspace(ctx)) as store:
         rows = store.search(query, limit)
     if json_output:
         _print_json(rows)
@@ -210,7 +210,7 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (mode 0600).")] = None,
 ) -> None:
     """Export sessions with their messages, oldest first."""
-    with _maybe_store(workspace(ctx), needed=True) as store:
+    with _open_store(workspace(ctx)) as store:
         ids = [session_id] if session_id is not None else [row["id"] for row in reversed(store.sessions())]
         exported = [{**store.session(one), "messages": store.messages(one)} for one in ids]
     if format_ == "json":
@@ -234,7 +234,7 @@ def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     except ModelError as error:
         model, model_problem = ws.config.model, str(error)
     engines, engine_problem = _engines(ws.config.backend)
-    with _maybe_store(ws, needed=True) as store:
+    with _open_store(ws) as store:
         report = {
             "home": str(ws.paths.home),
             "config_file": str(ws.paths.config_file),
@@ -309,15 +309,17 @@ def main() -> None:
 
 
 @contextmanager
-def _maybe_store(ws: Workspace, needed: bool) -> Iterator[Store | None]:
-    """The data folder's store, open for the block (None when not needed: a private one-off turn)."""
-    if not needed:
-        yield None
-        return
+def _open_store(ws: Workspace) -> Iterator[Store]:
+    """The data folder's store, open for the block (imported here: sqlite-utils loads numpy)."""
     from assistant.store import open_store
 
     with open_store(ws.paths, ws.config) as store:
         yield store
+
+
+def _chat_store(ws: Workspace, session_id: int | None, private: bool) -> AbstractContextManager[Store | None]:
+    """The store a chat needs: none for a private chat outside any session, which leaves no trace at all."""
+    return nullcontext() if private and session_id is None else _open_store(ws)
 
 
 @contextmanager

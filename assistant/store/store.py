@@ -90,10 +90,21 @@ class Store:
         return rows[0]
 
     def sessions(self, limit: int | None = None) -> list[dict]:
-        """Sessions, the most recently active first, with their message count and last reply."""
+        """Sessions, the most recently active first, with their message count and last reply.
+
+        Activity is ordered by message id, not by time: two turns within one clock tick still sort
+        right. A session with no message yet was just created, so it comes first.
+        """
+        sql = f"""
+            SELECT {_SESSION_COLUMNS},
+                   (SELECT max(id) FROM messages WHERE messages.session_id = sessions.id) AS latest
+            FROM sessions ORDER BY latest IS NOT NULL, latest DESC, id DESC LIMIT ?
+        """
         with self.reading() as db:
-            return list(db.query(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY updated DESC, id DESC "
-                                 "LIMIT ?", [-1 if limit is None else limit]))
+            rows = list(db.query(sql, [-1 if limit is None else limit]))
+        for row in rows:
+            del row["latest"]
+        return rows
 
     def add_message(
         self,
