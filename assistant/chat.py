@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from backends.base import Backend, Sampling
 
 from assistant.config import Config, SomnusError
-from assistant.store import Store
-from assistant.store.migrations import now
+from assistant.store import Store, now
 
 
 class ChatError(SomnusError):

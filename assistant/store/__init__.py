@@ -2,5 +2,6 @@
 
 from assistant.store.connection import StoreError
 from assistant.store.store import Store, open_store
+from assistant.store.timestamps import now
 
-__all__ = ["Store", "StoreError", "open_store"]
+__all__ = ["Store", "StoreError", "now", "open_store"]

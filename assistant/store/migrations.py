@@ -7,12 +7,12 @@ the list, so every user's database reaches the same shape whatever version it st
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlite_utils import Database
 
 from assistant.store.connection import StoreError
+from assistant.store.timestamps import now
 
 Migration = Callable[[Database], None]
 MIGRATIONS: list[Migration] = []
@@ -22,11 +22,6 @@ MIGRATIONS_TABLE = "migrations"
 def migration(function: Migration) -> Migration:
     MIGRATIONS.append(function)
     return function
-
-
-def now() -> str:
-    """The current time as the store records it: ISO 8601, UTC, milliseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def pending_migrations(db: Database, path: Path) -> list[Migration]:

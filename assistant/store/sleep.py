@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from assistant.store.connection import StoreError
-from assistant.store.migrations import now
+from assistant.store.timestamps import now
 
 if TYPE_CHECKING:
     from assistant.store.store import Store

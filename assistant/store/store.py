@@ -16,7 +16,8 @@ from sqlite_utils import Database
 
 from assistant.config import Config, Paths
 from assistant.store.connection import StoreError, connect, translated_errors
-from assistant.store.migrations import migrate, now
+from assistant.store.migrations import migrate
+from assistant.store.timestamps import now
 from assistant.store.sleep import SleepLedger
 
 ROLES = ("user", "assistant", "system")
