@@ -8,7 +8,7 @@ a session or a sleep is, so a new engine is one file.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -85,3 +85,66 @@ def render_chat_template(
 
 def _raise_template_error(message: str) -> None:
     raise BackendError(f"chat template: {message}")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shape of a new LoRA block: rank, alpha (scale = alpha / rank) and the projections it adapts."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@runtime_checkable
+class BlockTrainer(Protocol):
+    """A model wearing frozen LoRA blocks plus one new, trainable block: the sleep's student.
+
+    The same object is also the teacher and the reference: ``new_block=False`` computes with the
+    frozen blocks only, i.e. exactly the pre-sleep model (the new block starts at B = 0, so before
+    the first step both views agree to the bit). Arrays are the engine's own (torch tensors or mlx
+    arrays); losses reach them through ``ops`` so they are written once for every engine.
+    """
+
+    name: str
+    ops: object  # backends.ops.ArrayOps
+    context_length: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, special tokens parsed."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` with special tokens dropped."""
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling, *, new_block: bool) -> list[str]:
+        """Batched completions of rendered ``prompts``, each stopped at end of turn."""
+
+    def completion_logits(
+        self, prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, new_block: bool
+    ) -> tuple[object, object]:
+        """(logits [B, T, V], mask [B, T]) without gradient; row t predicts ``completions[b][t]``."""
+
+    def train_step(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        loss_fn: Callable[[object, object, object], object],
+    ) -> float:
+        """One optimiser step of the new block on ``loss_fn(logits, targets, mask)``; returns the loss."""
+
+    def gradient_norm(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        loss_fn: Callable[[object, object, object], object],
+    ) -> float:
+        """The L2 norm of the new block's gradient of the loss, without a step (scores dreams)."""
+
+    def set_block_scales(self, scales: Sequence[float]) -> None:
+        """Rescale the frozen blocks (0 drops one): the dreams' noise over old memories."""
+
+    def save_new_block(self, path: Path) -> None:
+        """Write the new block as a PEFT LoRA folder that every engine's ``set_adapters`` loads."""
+
+    def close(self) -> None:
+        """Free the engine's memory."""

@@ -1,0 +1,99 @@
+"""The live adapter is a stack of LoRA blocks: one block per night, each a PEFT folder.
+
+Blocks are immutable once written; an adapter *version* is a manifest naming its blocks in order, so
+version N+1 shares every block of version N and adds one. The same stack runs on every engine,
+because each engine attaches several PEFT adapters at once and sums their outputs (llama.cpp and
+mlx convert the same folders). A new block starts with B = 0, so the grown model computes exactly
+what the old one did, and only the new block trains: older nights are slow memories, frozen.
+
+Layout in the data folder::
+
+    adapters/blocks/<block id>/   adapter_config.json, adapter_model.safetensors, block.json
+    adapters/v0003.json           {"version": 3, "parent": 2, "blocks": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from assistant.config import ensure_private_dir
+from backends.base import Adapter
+
+
+@dataclass(frozen=True)
+class Block:
+    """One night's LoRA block and what it consolidated."""
+
+    id: str
+    path: Path
+    sessions: tuple[int, ...] = ()
+    sleep_run: int | None = None
+
+    def record(self) -> dict:
+        return {"id": self.id, "path": str(self.path), "sessions": list(self.sessions), "sleep_run": self.sleep_run}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """An adapter version: its blocks, oldest first."""
+
+    version: int
+    blocks: tuple[Block, ...] = ()
+    parent: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def adapters(self, scales: Sequence[float] | None = None) -> list[Adapter]:
+        """The blocks as engine adapters; ``scales`` rescale or drop (0) blocks, e.g. to dream."""
+        scales = scales if scales is not None else [1.0] * len(self.blocks)
+        return [Adapter(block.path, scale) for block, scale in zip(self.blocks, scales, strict=True) if scale]
+
+    def grown(self, block: Block, version: int) -> Stack:
+        return Stack(version, self.blocks + (block,), parent=self.version)
+
+    def sessions(self) -> set[int]:
+        return {s for block in self.blocks for s in block.sessions}
+
+
+def adapters_dir(home: Path) -> Path:
+    return ensure_private_dir(home / "adapters")
+
+
+def block_dir(home: Path, block_id: str) -> Path:
+    return ensure_private_dir(adapters_dir(home) / "blocks") / block_id
+
+
+def manifest_path(home: Path, version: int) -> Path:
+    return adapters_dir(home) / f"v{version:04d}.json"
+
+
+def save_stack(home: Path, stack: Stack) -> Path:
+    """Write the version's manifest atomically (temp file, fsync, rename): complete or absent."""
+    path = manifest_path(home, stack.version)
+    payload = {"version": stack.version, "parent": stack.parent, "blocks": [b.record() for b in stack.blocks],
+               **stack.extra}
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-")
+    with os.fdopen(handle, "w") as out:
+        json.dump(payload, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+    return path
+
+
+def load_stack(path: Path) -> Stack:
+    data = json.loads(Path(path).read_text())
+    blocks = tuple(
+        Block(b["id"], Path(b["path"]), tuple(b.get("sessions", ())), b.get("sleep_run")) for b in data["blocks"]
+    )
+    extra = {k: v for k, v in data.items() if k not in {"version", "parent", "blocks"}}
+    return Stack(data["version"], blocks, data.get("parent"), extra)
+
+
+def empty_stack() -> Stack:
+    """Version 0: the bare model, before any sleep."""
+    return Stack(0)
