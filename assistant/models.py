@@ -48,7 +48,7 @@ def resolve_model(ref: str, paths: Paths) -> Model:
     ref = ref.strip()
     if ref == NANO:
         if not _is_hf_folder(NANO_DIR):
-            raise ModelError(f"the bundled nano model is not built yet ({NANO_DIR} is empty): "
+            raise ModelError(f"the bundled nano model is not built yet (no model in {NANO_DIR}): "
                              f"train it with `{TRAIN_NANO}`, or choose another with --model")
         return Model(NANO, "nano", NANO_DIR)
     local = Path(ref).expanduser()
