@@ -1,0 +1,361 @@
+"""The sleep's student and teacher on PyTorch: frozen LoRA blocks plus one new, trainable block.
+
+The model is the chat engine's (same loading, dtype and checks), wrapped in PEFT with one named
+adapter per older night and the new block last. Older blocks are frozen: they are slow memories,
+each consolidated on its own night, and training them again would let tonight's sessions overwrite
+what earlier nights stored (a lower learning rate for them is a possible later option, not offered
+now). The new block starts with PEFT's own initialisation, A random and B = 0, so before the first
+step it adds exact zeros and the grown model is, to the bit, the model it grew from.
+
+``new_block=False`` switches the new block off (PEFT skips inactive adapters), which computes exactly
+the frozen stack: the teacher and the reference of the same object, without a second model in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends.base import Adapter, BackendError, LoraSpec, Sampling
+from backends.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_lora_fits, read_lora
+from backends.torch_backend import TorchBackend
+
+NEW_BLOCK = "new"  # PEFT adapter name of the trainable block; older blocks are "block0", "block1", ...
+GRAD_CLIP = 1.0  # max L2 norm of the new block's gradient per step: one odd batch cannot wreck the block
+WEIGHT_DECAY = 0.01  # AdamW's usual default, written out so both engines use the same
+
+
+class TorchBlockTrainer:
+    """A Hugging Face model wearing frozen PEFT blocks and one new block that AdamW trains."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        hf_dir: Path,
+        blocks: Sequence[Adapter] = (),
+        spec: LoraSpec = LoraSpec(),
+        lr: float = 1e-3,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        init_block: Path | None = None,
+    ) -> None:
+        from peft import LoraConfig, PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        from backends import ops
+
+        self.ops = ops.TORCH_OPS
+        self.spec = spec
+        engine = TorchBackend(Path(hf_dir), device=device)  # loads exactly as chatting does
+        for block in blocks:  # every folder is checked before the model is touched
+            check_lora_fits(block.path, read_lora(block.path), engine.linear_shapes)
+        self.hf_dir, self.device, self.tokenizer = engine.hf_dir, engine.device, engine.tokenizer
+        self.context_length, self.end_token_id = engine.context_length, engine.end_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
+        try:
+            with torch.random.fork_rng(devices=[]):  # seeded init, without disturbing the caller's RNG
+                torch.manual_seed(seed)
+                self.model = PeftModel(engine.base_model, config, adapter_name=NEW_BLOCK)
+        except ValueError as error:
+            raise BackendError(f"{hf_dir}: cannot grow a block on {list(spec.targets)} ({error})") from error
+        self.block_names = [f"block{index}" for index in range(len(blocks))]
+        for name, block in zip(self.block_names, blocks):
+            self.model.load_adapter(str(block.path), adapter_name=name)
+        self.lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        self.new_layers = {  # layer name in the Hugging Face model -> its LoRA layer carrying the new block
+            name: module
+            for name, module in self.model.base_model.model.named_modules()
+            if isinstance(module, LoraLayer) and NEW_BLOCK in module.lora_A
+        }
+        self.new_parameters = [
+            param for layer in self.new_layers.values() for part in (layer.lora_A, layer.lora_B)
+            for param in part[NEW_BLOCK].parameters()
+        ]
+        if init_block is not None:
+            self._copy_initial_block(Path(init_block))
+        self.model.eval()  # no dropout anywhere, also while training the new block
+        self.active: list[str] | None = None
+        self.set_block_scales([block.scale for block in blocks])
+        self.optimizer = torch.optim.AdamW(self.new_parameters, lr=lr, weight_decay=WEIGHT_DECAY)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], sampling: Sampling, *, new_block: bool) -> list[str]:
+        """Left-padded batch decoding with a KV cache; finished rows leave the batch (and the cache)."""
+        rows = [self.encode(prompt) for prompt in prompts]
+        budget = token_budget(rows, sampling, self.context_length)
+        if budget == 0:
+            return ["" for _ in rows]
+        self._activate(new_block)
+        generator = torch.Generator()
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        width = max(len(row) for row in rows)
+        inputs = torch.tensor([[self.pad_token_id] * (width - len(row)) + row for row in rows], device=self.device)
+        attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        outputs: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))  # the prompts still generating, in batch order
+        cache = None
+        for _ in range(budget):
+            output = self.model(
+                input_ids=inputs, attention_mask=attention, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            cache = output.past_key_values
+            tokens = _pick_tokens(output.logits[:, -1].float().cpu(), sampling, generator).tolist()
+            for row, token in zip(live, tokens):
+                if token != self.end_token_id:
+                    outputs[row].append(token)
+            keep = [index for index, token in enumerate(tokens) if token != self.end_token_id]
+            if not keep:
+                break
+            if len(keep) < len(live):
+                kept = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(kept)
+                attention, positions = attention[kept], positions[kept]
+                live = [live[index] for index in keep]
+            inputs = torch.tensor([[tokens[index]] for index in keep], device=self.device)
+            attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+        return [self.decode(ids) for ids in outputs]
+
+    @torch.no_grad()  # not inference_mode: the teacher's logits go into losses next to tensors with gradient
+    def completion_logits(
+        self, prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, new_block: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._activate(new_block)
+        inputs, positions, _, mask = self._batch(prefixes, completions)
+        return self._logits(inputs, positions), mask
+
+    def train_step(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> float:
+        loss = self._backward(prefixes, completions, loss_fn)
+        norm = torch.nn.utils.clip_grad_norm_(self.new_parameters, GRAD_CLIP)
+        if not (math.isfinite(loss) and math.isfinite(float(norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise BackendError(f"training step refused: the loss ({loss}) or its gradient is not finite")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def gradient_norm(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> float:
+        self._backward(prefixes, completions, loss_fn)
+        grads = [param.grad for param in self.new_parameters if param.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_block_scales(self, scales: Sequence[float]) -> None:
+        """Scale each frozen block (PEFT's ``set_scale``, as the chat engine does); 0 switches one off."""
+        if len(scales) != len(self.block_names):
+            raise ValueError(f"{len(scales)} scales for {len(self.block_names)} frozen blocks")
+        self.scales = [float(scale) for scale in scales]
+        for layer in self.lora_layers:
+            for name, scale in zip(self.block_names, self.scales):
+                layer.set_scale(name, scale)
+
+    def save_new_block(self, path: Path) -> None:
+        write_peft_block(
+            Path(path), self.spec, str(self.hf_dir),
+            {name: (layer.lora_A[NEW_BLOCK].weight, layer.lora_B[NEW_BLOCK].weight)
+             for name, layer in self.new_layers.items()},
+        )
+
+    def close(self) -> None:
+        self.model = self.optimizer = None
+        self.lora_layers, self.new_layers, self.new_parameters = [], {}, []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _activate(self, new_block: bool) -> None:
+        """Make active the frozen blocks whose scale is not 0, then the new block if asked.
+
+        Inactive adapters are skipped, not multiplied by 0, so a dropped block costs nothing and the
+        sum is the same sequence of additions the chat engine does for that stack.
+        """
+        names = [name for name, scale in zip(self.block_names, self.scales) if scale != 0]
+        names += [NEW_BLOCK] if new_block else []
+        if names == self.active:
+            return
+        self.model.base_model.set_adapter(names, inference_mode=True)  # freezes every adapter it touches
+        for param in self.new_parameters:
+            param.requires_grad_(True)
+        self.active = names
+
+    def _batch(self, prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):
+        """(inputs, positions, targets, mask) as tensors on the model's device (see ``completion_batch``)."""
+        batch = completion_batch(prefixes, completions, self.pad_token_id)
+        ids = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
+        mask = torch.tensor(batch.mask, dtype=torch.float32, device=self.device)
+        return ids(batch.inputs), ids(batch.positions), ids(batch.targets), mask
+
+    def _logits(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 logits at ``positions`` only: the output head runs on completion positions, not on
+        the (often long) prefixes."""
+        causal_lm = self.model.base_model.model
+        hidden = causal_lm.get_decoder()(input_ids=inputs).last_hidden_state
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return causal_lm.get_output_embeddings()(picked).float()
+
+    def _backward(self, prefixes, completions, loss_fn) -> float:
+        """The student's loss (new block on) with its gradient accumulated on the new block."""
+        self._activate(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs, positions, targets, mask = self._batch(prefixes, completions)
+        loss = loss_fn(self._logits(inputs, positions), targets, mask)
+        loss.backward()
+        return float(loss.detach())
+
+    def _copy_initial_block(self, folder: Path) -> None:
+        """Start the new block from a saved PEFT folder of the same shape (e.g. another engine's start)."""
+        blocks = {block.module: block for block in read_lora(folder)}
+        if set(blocks) != set(self.new_layers):
+            raise BackendError(f"{folder}: its layers are not the new block's targets {list(self.spec.targets)}")
+        with torch.no_grad():
+            for name, layer in self.new_layers.items():
+                down, up, block = layer.lora_A[NEW_BLOCK].weight, layer.lora_B[NEW_BLOCK].weight, blocks[name]
+                if block.down.shape != tuple(down.shape) or block.up.shape != tuple(up.shape):
+                    raise BackendError(f"{folder}: {name} does not have the new block's rank {self.spec.rank}")
+                if not math.isclose(block.scale, layer.scaling[NEW_BLOCK]):
+                    raise BackendError(f"{folder}: its alpha / rank is not {self.spec.alpha} / {self.spec.rank}")
+                down.copy_(torch.from_numpy(block.down))
+                up.copy_(torch.from_numpy(block.up))
+
+
+def write_peft_block(path: Path, spec: LoraSpec, base_model: str, weights: Mapping[str, tuple[object, object]]) -> None:
+    """Write one LoRA block as a PEFT folder, the same bytes from every engine.
+
+    ``weights`` maps each adapted layer's Hugging Face name to (A as (rank, in), B as (out, rank)),
+    torch tensors or mlx/numpy arrays. The folder is written under a temporary name and renamed, so
+    it is complete or absent; files are 0600 and the folder 0700. An existing folder is never
+    replaced: blocks are immutable once written.
+    """
+    path = Path(path)
+    if path.exists():
+        raise BackendError(f"{path}: already exists, a block is never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(spec.targets),
+        "bias": "none",
+        "inference_mode": True,
+    }
+    tensors = {
+        f"base_model.model.{name}.lora_{part}.weight": np.ascontiguousarray(_to_numpy(array), dtype=np.float32)
+        for name, pair in sorted(weights.items())
+        for part, array in zip("AB", pair)
+    }
+    from safetensors.numpy import save_file
+
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))  # 0700
+    try:
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for file in staging.iterdir():
+            file.chmod(0o600)
+            with open(file, "rb") as written:
+                os.fsync(written.fileno())
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _to_numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array)
+
+
+def token_budget(rows: Sequence[Sequence[int]], sampling: Sampling, context_length: int) -> int:
+    """How many tokens every row of a batch may add: the sampling's max, within the context left by
+    the longest prompt (one budget for the batch keeps every row's positions inside the model's range)."""
+    if not rows:
+        return 0
+    if any(not row for row in rows):
+        raise BackendError("generate needs non-empty prompts")
+    longest = max(map(len, rows))
+    budget = min(sampling.max_tokens, context_length - longest)
+    if budget <= 0 and sampling.max_tokens > 0:
+        raise BackendError(f"a prompt of {longest} tokens fills the {context_length}-token context")
+    return max(budget, 0)
+
+
+@dataclass(frozen=True)
+class CompletionBatch:
+    """Prefix + completion rows laid out for one forward pass, as plain lists for any engine.
+
+    ``inputs`` [B, L] are right-padded (padding after every real token changes nothing under causal
+    attention, so no attention mask is needed); ``positions`` [B, Tc] are the inputs whose outputs
+    predict each completion token; ``targets`` [B, Tc] are the completion ids (0 where padded) and
+    ``mask`` [B, Tc] is 1.0 on completion tokens, 0.0 on padding.
+    """
+
+    inputs: list[list[int]]
+    positions: list[list[int]]
+    targets: list[list[int]]
+    mask: list[list[float]]
+
+
+def completion_batch(
+    prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int
+) -> CompletionBatch:
+    if len(prefixes) != len(completions) or not prefixes:
+        raise ValueError(f"{len(prefixes)} prefixes for {len(completions)} completions (need one each, >= 1)")
+    if any(len(prefix) == 0 for prefix in prefixes):
+        raise ValueError("every prefix needs at least one token to predict its completion from")
+    rows = [list(prefix) + list(completion) for prefix, completion in zip(prefixes, completions)]
+    width, steps = max(map(len, rows)), max(map(len, completions))
+    return CompletionBatch(
+        inputs=[row + [pad_token_id] * (width - len(row)) for row in rows],
+        positions=[[min(len(prefix) - 1 + t, width - 1) for t in range(steps)] for prefix in prefixes],
+        targets=[list(completion) + [0] * (steps - len(completion)) for completion in completions],
+        mask=[[1.0] * len(completion) + [0.0] * (steps - len(completion)) for completion in completions],
+    )
+
+
+def _pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V]: greedy at temperature 0, else nucleus sampling."""
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    sorted_probs[torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p] = 0.0
+    return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator)).squeeze(-1)
+
