@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from backends.base import Backend, BackendError
+from backends.base import Adapter, Backend, BackendError, BlockTrainer, LoraSpec
 
 ENGINES = ("torch", "llamacpp", "mlx")
 TRAINING_ENGINE = "torch"
@@ -83,6 +83,32 @@ def open_backend(engine: str, *, hf_dir: Path | None = None, gguf_path: Path | N
     from backends.torch_backend import TorchBackend
 
     return TorchBackend(Path(hf_dir))
+
+
+def open_trainer(
+    engine: str,
+    hf_dir: Path,
+    *,
+    blocks: Sequence[Adapter] = (),
+    spec: LoraSpec = LoraSpec(),
+    lr: float = 1e-3,
+    seed: int = 0,
+    init_block: Path | None = None,
+) -> BlockTrainer:
+    """The sleep's trainer on ``engine`` ("torch" or "mlx"): ``blocks`` frozen, one new block to train.
+
+    ``init_block`` starts the new block from a saved PEFT folder instead of a fresh B = 0 block.
+    """
+    if engine not in ("torch", "mlx"):
+        raise BackendError(f"the {engine!r} engine cannot train: choose torch or mlx")
+    _require(engine, is_installed)
+    if engine == "mlx":
+        from backends.mlx_trainer import MlxBlockTrainer
+
+        return MlxBlockTrainer(Path(hf_dir), blocks, spec, lr=lr, seed=seed, init_block=init_block)
+    from backends.torch_trainer import TorchBlockTrainer
+
+    return TorchBlockTrainer(Path(hf_dir), blocks, spec, lr=lr, seed=seed, init_block=init_block)
 
 
 def _require(engine: str, installed: Callable[[str], bool]) -> None:

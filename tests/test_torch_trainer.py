@@ -1,0 +1,258 @@
+"""The torch block trainer against the torch chat engine and PEFT, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import pytest
+import torch
+from test_torch_backend import COMPLETION, LORA_ALPHA, LORA_RANK, adapters  # noqa: F401 (a fixture)
+
+from backends import ops
+from backends.base import Adapter, BackendError, BlockTrainer, LoraSpec, Sampling
+from backends.select import open_trainer
+from backends.torch_backend import TorchBackend
+from backends.torch_trainer import TorchBlockTrainer, completion_batch
+
+SPEC = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
+QUESTIONS = [  # different lengths, so one batch mixes padded and unpadded rows
+    "Where is John?",
+    "My sister is called Alice and she lives in Porto. Where is Sandra?",
+    "Hi",
+]
+COMPLETIONS = [COMPLETION, "Porto.<|im_end|>", "Hello! How can I help you today?<|im_end|>"]
+
+
+def cross_entropy(logits, targets, mask):
+    """Mean negative log-likelihood of the target completion: a loss written once for any engine."""
+    array_ops = ops.TORCH_OPS if isinstance(logits, torch.Tensor) else ops.MLX_OPS
+    logprobs = array_ops.take_along_last_axis(array_ops.log_softmax(logits), targets)
+    return -array_ops.sum(logprobs * mask) / array_ops.sum(mask)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> TorchBackend:
+    return TorchBackend(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def backend(engine):
+    """The chat engine as reference, bare again after each test."""
+    yield engine
+    engine.set_adapters([])
+
+
+@pytest.fixture(scope="module")
+def frozen(adapters):  # noqa: F811
+    """Two older nights: random, non-zero PEFT blocks."""
+    return [Adapter(adapters["first"], 1.0), Adapter(adapters["second"], 1.0)]
+
+
+@pytest.fixture
+def trainer(tiny_model_dir, frozen) -> TorchBlockTrainer:
+    return TorchBlockTrainer(tiny_model_dir, frozen, SPEC, lr=1e-2, seed=0, device="cpu")
+
+
+def token_batch(trainer: TorchBlockTrainer):
+    prompts = [trainer.tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in QUESTIONS]
+    return [trainer.encode(p) for p in prompts], [trainer.encode(c) for c in COMPLETIONS]
+
+
+def chat_engine_logits(backend: TorchBackend, prefixes, completions, pad_token_id: int) -> torch.Tensor:
+    """The chat engine's full forward pass on the same right-padded batch, at the completion positions."""
+    batch = completion_batch(prefixes, completions, pad_token_id)
+    with torch.no_grad():
+        logits = backend.model(input_ids=torch.tensor(batch.inputs)).logits
+    positions = torch.tensor(batch.positions)
+    return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def frozen_state(trainer: TorchBlockTrainer) -> dict[str, torch.Tensor]:
+    """Every weight except the new block's: base model and older blocks."""
+    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()
+            if ".new." not in name}
+
+
+def test_implements_the_protocol_and_opens_by_name(tiny_model_dir, trainer):
+    assert isinstance(trainer, BlockTrainer)
+    assert (trainer.name, trainer.context_length, trainer.ops) == ("torch", 512, ops.TORCH_OPS)
+    opened = open_trainer("torch", tiny_model_dir, spec=SPEC)
+    assert isinstance(opened, TorchBlockTrainer) and opened.block_names == []
+    with pytest.raises(BackendError, match="cannot train"):
+        open_trainer("llamacpp", tiny_model_dir)
+
+
+def test_only_the_new_block_trains(trainer):
+    trainable = {name for name, param in trainer.model.named_parameters() if param.requires_grad}
+    assert trainable and all(".new." in name for name in trainable)
+    assert {id(p) for group in trainer.optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in trainer.new_parameters}
+    assert len(trainable) == 2 * 7 * 2  # A and B on seven projections in two layers
+    assert all(not layer.lora_B["new"].weight.any() for layer in trainer.new_layers.values())
+
+
+@pytest.mark.parametrize("older", [0, 1, 2])
+def test_growth_computes_exactly_the_old_stack(tiny_model_dir, frozen, backend, older):
+    trainer = TorchBlockTrainer(tiny_model_dir, frozen[:older], SPEC, seed=older, device="cpu")
+    prefixes, completions = token_batch(trainer)
+    grown, mask = trainer.completion_logits(prefixes, completions, new_block=True)
+    old, _ = trainer.completion_logits(prefixes, completions, new_block=False)
+    bare = chat_engine_logits(backend, prefixes, completions, trainer.pad_token_id)
+    backend.set_adapters(frozen[:older])
+    assert torch.equal(grown, old)
+    assert torch.equal(grown, chat_engine_logits(backend, prefixes, completions, trainer.pad_token_id))
+    assert torch.equal(grown, bare) == (older == 0)
+    assert grown.shape == (3, max(map(len, completions)), len(trainer.tokenizer))
+    assert mask.tolist() == [[1.0] * len(c) + [0.0] * (grown.shape[1] - len(c)) for c in completions]
+
+
+def test_row_t_predicts_completion_token_t(trainer, backend, frozen):
+    backend.set_adapters(frozen)
+    prefixes, completions = token_batch(trainer)
+    logits, _ = trainer.completion_logits(prefixes, completions, new_block=False)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for row, completion in enumerate(completions):
+        prompt = trainer.tokenizer.decode(prefixes[row])
+        expected = torch.tensor(backend.token_logprobs(prompt, COMPLETIONS[row]))
+        ours = logprobs[row, torch.arange(len(completion)), torch.tensor(completion)]
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_steps_lower_the_loss_and_touch_only_the_new_block(trainer):
+    prefixes, completions = token_batch(trainer)
+    before = frozen_state(trainer)
+    old, _ = trainer.completion_logits(prefixes, completions, new_block=False)
+    losses = [trainer.train_step(prefixes, completions, cross_entropy) for _ in range(5)]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1
+    after = frozen_state(trainer)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(trainer.completion_logits(prefixes, completions, new_block=False)[0], old)
+    grown, mask = trainer.completion_logits(prefixes, completions, new_block=True)
+    assert not torch.equal(grown, old)
+    assert cross_entropy(grown, torch.tensor([c + [0] * (mask.shape[1] - len(c)) for c in completions]),
+                         mask) < losses[-1]
+
+
+def test_a_non_finite_loss_is_refused_without_a_step(trainer):
+    prefixes, completions = token_batch(trainer)
+    weights = [param.detach().clone() for param in trainer.new_parameters]
+    with pytest.raises(BackendError, match="not finite"):
+        trainer.train_step(prefixes, completions, lambda logits, targets, mask: cross_entropy(logits, targets, mask) / 0)
+    assert all(torch.equal(w, p) for w, p in zip(weights, trainer.new_parameters))
+    assert all(p.grad is None for p in trainer.new_parameters)
+
+
+def test_gradient_norm_scores_without_changing_anything(trainer):
+    prefixes, completions = token_batch(trainer)
+    weights = [param.detach().clone() for param in trainer.new_parameters]
+    norm = trainer.gradient_norm(prefixes, completions, cross_entropy)
+    assert norm > 0  # B = 0 zeroes the gradient of A, not that of B
+    assert all(torch.equal(w, p) for w, p in zip(weights, trainer.new_parameters))
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert trainer.gradient_norm(prefixes, completions, cross_entropy) == norm  # nothing accumulated
+    trainer.train_step(prefixes, completions, cross_entropy)
+    assert trainer.gradient_norm(prefixes, completions, cross_entropy) != norm
+
+
+def test_block_scales_rescale_and_drop_older_blocks(trainer, backend, frozen):
+    prefixes, completions = token_batch(trainer)
+    trainer.train_step(prefixes, completions, cross_entropy)
+    trainer.set_block_scales([0.0, 1.0])
+    backend.set_adapters(frozen[1:])
+    expected = chat_engine_logits(backend, prefixes, completions, trainer.pad_token_id)
+    assert torch.equal(trainer.completion_logits(prefixes, completions, new_block=False)[0], expected)
+    trainer.set_block_scales([0.5, -1.5])
+    backend.set_adapters([Adapter(frozen[0].path, 0.5), Adapter(frozen[1].path, -1.5)])
+    expected = chat_engine_logits(backend, prefixes, completions, trainer.pad_token_id)
+    assert torch.equal(trainer.completion_logits(prefixes, completions, new_block=False)[0], expected)
+    with pytest.raises(ValueError, match="2 frozen blocks"):
+        trainer.set_block_scales([1.0])
+
+
+def test_saved_block_is_a_private_peft_folder_the_chat_engine_wears(trainer, backend, frozen, tmp_path):
+    prefixes, completions = token_batch(trainer)
+    for _ in range(3):
+        trainer.train_step(prefixes, completions, cross_entropy)
+    folder = tmp_path / "blocks" / "night-1"
+    trainer.save_new_block(folder)
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE((folder / name).stat().st_mode) == 0o600 for name in os.listdir(folder))
+    assert os.listdir(folder.parent) == ["night-1"]  # no temporary folder left behind
+    backend.set_adapters([*frozen, Adapter(folder, 1.0)])
+    grown, _ = trainer.completion_logits(prefixes, completions, new_block=True)
+    worn = chat_engine_logits(backend, prefixes, completions, trainer.pad_token_id)
+    torch.testing.assert_close(worn, grown, rtol=0, atol=1e-5)
+    with pytest.raises(BackendError, match="already exists"):
+        trainer.save_new_block(folder)
+
+
+def test_a_saved_block_restarts_training_where_it_was(tiny_model_dir, trainer, frozen, tmp_path):
+    prefixes, completions = token_batch(trainer)
+    trainer.train_step(prefixes, completions, cross_entropy)
+    trainer.save_new_block(tmp_path / "start")
+    resumed = TorchBlockTrainer(tiny_model_dir, frozen, SPEC, seed=5, device="cpu", init_block=tmp_path / "start")
+    assert torch.equal(resumed.completion_logits(prefixes, completions, new_block=True)[0],
+                       trainer.completion_logits(prefixes, completions, new_block=True)[0])
+    with pytest.raises(BackendError, match=re.escape(str(tmp_path / "start"))):
+        TorchBlockTrainer(tiny_model_dir, frozen, LoraSpec(rank=2, alpha=8), init_block=tmp_path / "start")
+
+
+def test_blocks_for_another_model_are_refused(tiny_model_dir, adapters):  # noqa: F811
+    with pytest.raises(BackendError, match=re.escape(str(adapters["other_model"]))):
+        TorchBlockTrainer(tiny_model_dir, [Adapter(adapters["other_model"], 1.0)], SPEC)
+    with pytest.raises(BackendError, match="adapter_config.json"):
+        TorchBlockTrainer(tiny_model_dir, [Adapter(tiny_model_dir / "missing", 1.0)], SPEC)
+
+
+def prompts_of(trainer: TorchBlockTrainer) -> list[str]:
+    return [trainer.tokenizer.decode(prefix) for prefix in token_batch(trainer)[0]]
+
+
+def test_batched_greedy_generation_matches_the_chat_engine(trainer, backend, frozen, tmp_path):
+    prompts = prompts_of(trainer)
+    greedy = Sampling(max_tokens=16)
+    backend.set_adapters(frozen)
+    assert trainer.generate(prompts, greedy, new_block=False) == [
+        "".join(backend.stream(prompt, greedy)) for prompt in prompts]
+    prefixes, completions = token_batch(trainer)
+    for _ in range(3):
+        trainer.train_step(prefixes, completions, cross_entropy)
+    trainer.save_new_block(tmp_path / "night")
+    backend.set_adapters([*frozen, Adapter(tmp_path / "night", 1.0)])
+    assert trainer.generate(prompts, greedy, new_block=True) == [
+        "".join(backend.stream(prompt, greedy)) for prompt in prompts]
+
+
+def test_each_row_stops_at_its_own_end_of_turn(trainer, backend, frozen):
+    """Pretend a token the first prompt greedily writes ends the turn: that row stops before it,
+    the others go on exactly as the chat engine with the same end token."""
+    prompts = prompts_of(trainer)
+    backend.set_adapters(frozen)
+    first = torch.tensor([trainer.encode(prompts[0])])
+    with torch.no_grad():
+        written = backend.model.generate(first, max_new_tokens=12, do_sample=False)[0, first.shape[1]:].tolist()
+    stop_at = next(i for i, token in enumerate(written) if i > 0 and token not in written[:i])
+    trainer.end_token_id = backend.end_token_id = written[stop_at]
+    try:
+        texts = trainer.generate(prompts, Sampling(max_tokens=12), new_block=False)
+        assert texts[0] == backend.tokenizer.decode(written[:stop_at])
+        assert texts == ["".join(backend.stream(prompt, Sampling(max_tokens=12))) for prompt in prompts]
+    finally:
+        backend.end_token_id = backend.tokenizer.eos_token_id
+    assert trainer.decode(trainer.encode("Hi<|im_end|>")) == "Hi"  # special tokens never reach the text
+
+
+def test_sampling_is_seeded(trainer):
+    prompts = prompts_of(trainer)
+    hot = Sampling(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    first = trainer.generate(prompts, hot, new_block=True)
+    assert first == trainer.generate(prompts, hot, new_block=True)
+    assert first != trainer.generate(prompts, Sampling(max_tokens=16, temperature=1.0, top_p=0.9, seed=8),
+                                     new_block=True)
+    assert trainer.generate([], hot, new_block=True) == []
+    with pytest.raises(BackendError, match="context"):
+        trainer.generate(["Hi " * 600], hot, new_block=True)
