@@ -22,8 +22,15 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from backends.base import Adapter, BackendError, LoraSpec, Sampling
 from backends.mlx_backend import MlxBackend, _shape
-from backends.peft_io import LoraBlock, check_lora_fits, read_lora
-from backends.torch_trainer import GRAD_CLIP, WEIGHT_DECAY, completion_batch, token_budget, write_peft_block
+from backends.peft_io import check_lora_fits, read_lora
+from backends.torch_trainer import (
+    GRAD_CLIP,
+    WEIGHT_DECAY,
+    completion_batch,
+    read_initial_block,
+    token_budget,
+    write_peft_block,
+)
 
 
 @dataclass
@@ -220,28 +227,17 @@ class MlxBlockTrainer:
         return self.model.model.embed_tokens.as_linear(picked)
 
     def _loss_and_gradient(self, prefixes, completions, loss_fn) -> tuple[float, dict]:
-        """The student's loss (new block on) and its gradient with respect to the new block.
-
-        The trainable arrays are put back afterwards, so a gradient without a step leaves the model
-        exactly as it was.
-        """
+        """The student's loss (new block on) and its gradient with respect to the new block only."""
         self.state.new_block = True
         inputs, positions, targets, mask = self._batch(prefixes, completions)
-        weights = self.model.trainable_parameters()
         loss, grads = nn.value_and_grad(self.model, lambda: loss_fn(self._logits(inputs, positions), targets, mask))()
-        self.model.update(weights)
         mx.eval(loss, grads)
         return loss.item(), grads
 
     def _copy_initial_block(self, folder: Path) -> None:
         """Start the new block from a saved PEFT folder of the same shape (e.g. the torch trainer's start)."""
-        blocks: dict[str, LoraBlock] = {block.module: block for block in read_lora(folder)}
-        if set(blocks) != set(self.new_layers):
-            raise BackendError(f"{folder}: its layers are not the new block's targets {list(self.spec.targets)}")
+        shapes = {name: (tuple(layer.new_down.shape), tuple(layer.new_up.shape))
+                  for name, layer in self.new_layers.items()}
+        blocks = read_initial_block(folder, shapes, self.spec)
         for name, layer in self.new_layers.items():
-            block = blocks[name]
-            if block.down.shape != tuple(layer.new_down.shape) or block.up.shape != tuple(layer.new_up.shape):
-                raise BackendError(f"{folder}: {name} does not have the new block's rank {self.spec.rank}")
-            if not math.isclose(block.scale, self.state.new_scaling):
-                raise BackendError(f"{folder}: its alpha / rank is not {self.spec.alpha} / {self.spec.rank}")
-            layer.new_down, layer.new_up = mx.array(block.down), mx.array(block.up)
+            layer.new_down, layer.new_up = mx.array(blocks[name].down), mx.array(blocks[name].up)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from backends.base import Adapter, BackendError, LoraSpec, Sampling
-from backends.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_lora_fits, read_lora
+from backends.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraBlock, check_lora_fits, read_lora
 from backends.torch_backend import TorchBackend
 
 NEW_BLOCK = "new"  # PEFT adapter name of the trainable block; older blocks are "block0", "block1", ...
@@ -169,8 +169,7 @@ class TorchBlockTrainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> float:
         self._backward(prefixes, completions, loss_fn)
-        grads = [param.grad for param in self.new_parameters if param.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        norm = math.sqrt(sum(float(p.grad.square().sum()) for p in self.new_parameters if p.grad is not None))
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -237,21 +236,38 @@ class TorchBlockTrainer:
 
     def _copy_initial_block(self, folder: Path) -> None:
         """Start the new block from a saved PEFT folder of the same shape (e.g. another engine's start)."""
-        blocks = {block.module: block for block in read_lora(folder)}
-        if set(blocks) != set(self.new_layers):
-            raise BackendError(f"{folder}: its layers are not the new block's targets {list(self.spec.targets)}")
+        parts = {name: (layer.lora_A[NEW_BLOCK].weight, layer.lora_B[NEW_BLOCK].weight)
+                 for name, layer in self.new_layers.items()}
+        shapes = {name: (tuple(down.shape), tuple(up.shape)) for name, (down, up) in parts.items()}
+        blocks = read_initial_block(folder, shapes, self.spec)
         with torch.no_grad():
-            for name, layer in self.new_layers.items():
-                down, up, block = layer.lora_A[NEW_BLOCK].weight, layer.lora_B[NEW_BLOCK].weight, blocks[name]
-                if block.down.shape != tuple(down.shape) or block.up.shape != tuple(up.shape):
-                    raise BackendError(f"{folder}: {name} does not have the new block's rank {self.spec.rank}")
-                if not math.isclose(block.scale, layer.scaling[NEW_BLOCK]):
-                    raise BackendError(f"{folder}: its alpha / rank is not {self.spec.alpha} / {self.spec.rank}")
-                down.copy_(torch.from_numpy(block.down))
-                up.copy_(torch.from_numpy(block.up))
+            for name, (down, up) in parts.items():
+                down.copy_(torch.from_numpy(blocks[name].down))
+                up.copy_(torch.from_numpy(blocks[name].up))
 
 
-def write_peft_block(path: Path, spec: LoraSpec, base_model: str, weights: Mapping[str, tuple[object, object]]) -> None:
+def read_initial_block(
+    folder: Path, shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], spec: LoraSpec
+) -> dict[str, LoraBlock]:
+    """The LoRA blocks of ``folder``, checked to be a start for the new block on any engine.
+
+    ``shapes`` maps each layer the new block adapts to the shapes of its A and B; the folder must
+    adapt exactly those layers, with those shapes and the spec's alpha / rank.
+    """
+    blocks = {block.module: block for block in read_lora(folder)}
+    if set(blocks) != set(shapes):
+        raise BackendError(f"{folder}: its layers are not the new block's targets {list(spec.targets)}")
+    for name, (down, up) in shapes.items():
+        if (blocks[name].down.shape, blocks[name].up.shape) != (down, up):
+            raise BackendError(f"{folder}: {name} does not have the new block's rank {spec.rank}")
+        if not math.isclose(blocks[name].scale, spec.alpha / spec.rank):
+            raise BackendError(f"{folder}: its alpha / rank is not {spec.alpha} / {spec.rank}")
+    return blocks
+
+
+def write_peft_block(
+    path: Path, spec: LoraSpec, base_model: str, weights: Mapping[str, tuple[object, object]]
+) -> None:
     """Write one LoRA block as a PEFT folder, the same bytes from every engine.
 
     ``weights`` maps each adapted layer's Hugging Face name to (A as (rank, in), B as (out, rank)),
