@@ -256,3 +256,29 @@ def test_sampling_is_seeded(trainer):
     assert trainer.generate([], hot, new_block=True) == []
     with pytest.raises(BackendError, match="context"):
         trainer.generate(["Hi " * 600], hot, new_block=True)
+
+
+def test_saved_block_runs_on_llama_cpp(trainer, backend, frozen, tmp_path):
+    """llama.cpp converts the saved folder itself (adapter.gguf inside it) and agrees with torch."""
+    pytest.importorskip("llama_cpp")
+    from backends.gguf_export import export_model
+    from backends.select import open_backend
+
+    prefixes, completions = token_batch(trainer)
+    for _ in range(3):
+        trainer.train_step(prefixes, completions, cross_entropy)
+    trainer.save_new_block(tmp_path / "night")
+    stack = [*frozen, Adapter(tmp_path / "night", 1.0)]
+    llama = open_backend("llamacpp", gguf_path=export_model(trainer.hf_dir, tmp_path / "tiny.gguf"))
+    try:
+        prompt = prompts_of(trainer)[0]
+        backend.set_adapters(frozen)
+        before = torch.tensor(backend.token_logprobs(prompt, COMPLETIONS[0]))
+        backend.set_adapters(stack)
+        expected = torch.tensor(backend.token_logprobs(prompt, COMPLETIONS[0]))
+        assert (expected - before).abs().max() > 1e-2
+        llama.set_adapters(stack)
+        worn = torch.tensor(llama.token_logprobs(prompt, COMPLETIONS[0]))
+        torch.testing.assert_close(worn, expected, rtol=0, atol=1e-4)
+    finally:
+        llama.close()
