@@ -5,7 +5,8 @@ Same stack, same maths, same files: every adapted linear layer computes
 PEFT's order of additions; A is kept as (rank, in) and B as (out, rank), PEFT's layout, so blocks
 load from and save to the PEFT folders every engine shares. Older blocks are frozen (slow memories,
 see the torch trainer); gradients come from ``nn.value_and_grad`` over the model's trainable
-parameters, which are the new block's A and B only.
+parameters, which are the new block's A and B only. The engine-free parts (batch layout, token
+budget, the PEFT folder writer) are the torch trainer's, so both engines lay out and save alike.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class MlxBlockTrainer:
         self.spec = spec
         engine = MlxBackend(Path(hf_dir))  # loads exactly as chatting does
         self.hf_dir, self.model, self.tokenizer = engine.hf_dir, engine.model, engine.tokenizer
-        self.context_length, self.end_token_id = engine.context_length, engine.end_token_id
+        self.context_length = engine.context_length
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.model.set_dtype(mx.float32)  # gradients and the teacher's distributions in full precision
         shapes = {name: _shape(module) for name, module in engine.linears.items()}
@@ -134,7 +135,8 @@ class MlxBlockTrainer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def generate(self, prompts: Sequence[str], sampling: Sampling, *, new_block: bool) -> list[str]:
-        """mlx-lm's batch generation (left padding, KV cache), each row stopped at end of turn."""
+        """mlx-lm's batch generation (left padding, KV cache), each row stopped at the tokenizer's
+        end-of-turn tokens."""
         from mlx_lm.generate import batch_generate
         from mlx_lm.sample_utils import make_sampler
 
