@@ -110,6 +110,9 @@ class BlockTrainer(Protocol):
     ops: object  # backends.ops.ArrayOps
     context_length: int
 
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` through the model's own chat template."""
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, special tokens parsed."""
 

@@ -91,6 +91,7 @@ class MlxBlockTrainer:
         self.spec = spec
         engine = MlxBackend(Path(hf_dir))  # loads exactly as chatting does
         self.hf_dir, self.model, self.tokenizer = engine.hf_dir, engine.model, engine.tokenizer
+        self.render_chat = engine.render_chat
         self.context_length = engine.context_length
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.model.set_dtype(mx.float32)  # gradients and the teacher's distributions in full precision

@@ -61,6 +61,7 @@ class TorchBlockTrainer:
         for block in blocks:  # every folder is checked before the model is touched
             check_lora_fits(block.path, read_lora(block.path), engine.linear_shapes)
         self.hf_dir, self.device, self.tokenizer = engine.hf_dir, engine.device, engine.tokenizer
+        self.render_chat = engine.render_chat
         self.context_length, self.end_token_id = engine.context_length, engine.end_token_id
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
