@@ -330,3 +330,42 @@ def test_unconsolidated_sessions_follow_the_live_adapters_lineage(store):
 
     ledger.set_adapter_status(second, "rejected")
     assert unconsolidated(store) == {alice: (0, 3), rex: (0, 2)}  # nothing live: everything is new
+
+
+def test_renaming_a_session_keeps_one_clean_line(store):
+    session_id = conversation(store, "Alice lives in Porto", "Noted")
+    assert store.rename_session(session_id, "  Family\nand more  ") == "Family"
+    assert store.session(session_id)["title"] == "Family"
+    assert store.rename_session(session_id, "x" * 100) == "x" * 57 + "..."
+    with pytest.raises(StoreError, match="cannot be empty"):
+        store.rename_session(session_id, " \n ")
+    assert store.session(session_id)["title"] == "x" * 57 + "..."
+    with pytest.raises(StoreError, match="no session 999"):
+        store.rename_session(999, "Anything")
+
+
+def test_deleting_a_session_forgets_its_messages_search_and_provenance(store):
+    alice = conversation(store, "Alice lives in Porto", "Noted")
+    rex = conversation(store, "Rex likes the park", "Good dog")
+    adapter = store.sleep.add_adapter(1, "adapters/v1", status="live")
+    store.sleep.record_consolidation(adapter, {alice: store.messages(alice)[-1]["id"],
+                                               rex: store.messages(rex)[-1]["id"]})
+
+    assert store.delete_session(alice) == 2
+
+    assert [row["id"] for row in store.sessions()] == [rex]
+    assert store.messages(alice) == []
+    assert store.search("Porto") == []
+    assert [row["session_id"] for row in store.search("park")] == [rex]
+    with store.reading() as db:
+        assert [row["session_id"] for row in db.query("SELECT session_id FROM adapter_sessions")] == [rex]
+    with pytest.raises(StoreError, match=f"no session {alice}"):
+        store.delete_session(alice)
+
+
+def test_last_message_time_is_the_latest_turn_of_any_session(store):
+    assert store.last_message_time() is None
+    first = conversation(store, "Alice lives in Porto")
+    conversation(store, "Rex likes the park")
+    store.add_message(first, "assistant", "Noted")
+    assert store.last_message_time() == store.messages(first)[-1]["created"]

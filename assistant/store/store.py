@@ -142,6 +142,33 @@ class Store:
             db.execute("UPDATE sessions SET updated = ?, title = ? WHERE id = ?", [stamp, title, session_id])
         return message_id
 
+    def rename_session(self, session_id: int, title: str) -> str:
+        """Give the session the title the user chose (one line, shortened like generated titles)."""
+        cleaned = _title_from(title)
+        if not cleaned:
+            raise StoreError("a session title cannot be empty; nothing was changed")
+        with self.transaction() as db:
+            self._require_session(db, session_id)
+            db.execute("UPDATE sessions SET title = ? WHERE id = ?", [cleaned, session_id])
+        return cleaned
+
+    def delete_session(self, session_id: int) -> int:
+        """Forget a session: its messages (and their search index) and the record of which adapters
+        learnt it go too; returns how many messages were deleted. What a sleep already folded into an
+        adapter's weights stays there until that adapter is rolled back."""
+        with self.transaction() as db:
+            self._require_session(db, session_id)
+            deleted = db.execute("DELETE FROM messages WHERE session_id = ?", [session_id]).rowcount
+            db.execute("DELETE FROM adapter_sessions WHERE session_id = ?", [session_id])
+            db.execute("DELETE FROM sessions WHERE id = ?", [session_id])
+        return deleted
+
+    def last_message_time(self) -> str | None:
+        """When the latest message was said (in any session, by any process): how long the user has been away."""
+        with self.reading() as db:
+            row = db.execute("SELECT created FROM messages ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
     def messages(self, session_id: int) -> list[dict]:
         """The session's messages in the order they were said."""
         with self.reading() as db:
@@ -161,6 +188,10 @@ class Store:
             return []
         with self.reading() as db:
             return list(db.query(sql, [db.quote_fts(query), limit]))
+
+    def _require_session(self, db: Database, session_id: int) -> None:
+        if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
+            raise StoreError(f"no session {session_id} in {self.path} (see `somnus sessions`)")
 
     def counts(self) -> dict[str, int]:
         with self.reading() as db:
