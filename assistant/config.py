@@ -76,6 +76,7 @@ class Config:
     busy_timeout_seconds: float = 5.0
     idle_minutes: int = 30
     sleep_window: str = "01:00-06:00"
+    sleep_after_sessions: int = 10  # this many sessions not yet slept on: sleep at any hour once idle
 
     def with_overrides(self, **overrides: object) -> Config:
         """This config with the given values replaced, skipping those that are ``None`` (unset flags)."""
@@ -178,4 +179,5 @@ SETTING_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "idle_minutes": (_is_positive_integer, "must be a positive integer"),
     "sleep_window": (lambda value: isinstance(value, str) and bool(_SLEEP_WINDOW.match(value)),
                      'must look like "01:00-06:00"'),
+    "sleep_after_sessions": (_is_positive_integer, "must be a positive integer"),
 }

@@ -53,7 +53,7 @@ def test_defaults_need_no_file(somnus_home):
     config = load_config(open_paths())
     assert config == Config()
     assert (config.model, config.backend, config.temperature) == ("nano", "auto", 0.0)
-    assert (config.idle_minutes, config.sleep_window) == (30, "01:00-06:00")
+    assert (config.idle_minutes, config.sleep_window, config.sleep_after_sessions) == (30, "01:00-06:00", 10)
     assert not (somnus_home / "config.toml").exists()
 
 
@@ -110,6 +110,8 @@ def test_unknown_keys_are_named(somnus_home):
         "idle_minutes = -3",
         'sleep_window = "25:00-06:00"',
         'sleep_window = "night"',
+        "sleep_after_sessions = 0",
+        'sleep_after_sessions = "ten"',
         'model = ""',
         "model = 3",
     ],
