@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from assistant.chat import Chat
     from assistant.store import Store
 
-TUI_LATER = "The Somnus TUI arrives in a later release; for now, chat with `somnus chat --plain`."
-
 app = typer.Typer(help="Somnus: a local assistant that learns while you sleep.", add_completion=False,
                   pretty_exceptions_enable=False)
 model_app = typer.Typer(help="List, download and choose models.", no_args_is_help=True)
@@ -85,8 +83,7 @@ def global_options(
 ) -> None:
     ctx.obj = GlobalOptions(home, model, backend)
     if ctx.invoked_subcommand is None:
-        print(TUI_LATER)
-        raise typer.Exit(0)
+        _run_app(workspace(ctx))
 
 
 @app.command()
@@ -118,12 +115,12 @@ def chat(
     session: SessionOption = None,
     private: PrivateFlag = False,
 ) -> None:
-    """Chat turn by turn: each line of stdin is one message, each answer one block on stdout.
+    """Chat in the app, or with --plain turn by turn: each line of stdin one message, each answer one block.
 
-    A turn that fails is reported on stderr and the chat goes on; the exit status is then 2.
+    A plain turn that fails is reported on stderr and the chat goes on; the exit status is then 2.
     """
     if not plain:
-        print(TUI_LATER)
+        _run_app(workspace(ctx), session_id=session, private=private)
         return
     from backends.base import BackendError
 
@@ -210,13 +207,12 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (mode 0600).")] = None,
 ) -> None:
     """Export sessions with their messages, oldest first."""
+    from assistant.export import as_json, as_markdown, sessions_with_messages
+
     with _open_store(workspace(ctx)) as store:
         ids = [session_id] if session_id is not None else [row["id"] for row in reversed(store.sessions())]
-        exported = [{**store.session(one), "messages": store.messages(one)} for one in ids]
-    if format_ == "json":
-        document = json.dumps(exported, ensure_ascii=False, indent=2) + "\n"
-    else:
-        document = "\n".join(_markdown(session) for session in exported)
+        exported = sessions_with_messages(store, ids)
+    document = as_json(exported) if format_ == "json" else as_markdown(exported)
     if output is None:
         sys.stdout.write(document)
     else:
@@ -293,6 +289,157 @@ def model_use(ctx: typer.Context, ref: Annotated[str, typer.Argument(metavar="MO
     print(f"model set to {model.ref}")
 
 
+@app.command("sleep")
+def sleep_command(
+    ctx: typer.Context,
+    now: Annotated[bool, typer.Option("--now", help="Sleep now: consolidate the sessions not yet learnt.")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the night's budget).")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Consolidate recent sessions into a new adapter block, gated by recall and retention."""
+    from assistant.sleep.runner import sleep_now
+
+    ws = workspace(ctx)
+    if not now:
+        from assistant.sleep.runner import is_sleeping
+
+        with _open_store(ws) as store:
+            last = store.sleep.last_run()
+            pending = store.sleep.unconsolidated_sessions()
+        state = "sleeping now" if is_sleeping(ws.paths) else "awake"
+        print(f"{state}; {len(pending)} session(s) to consolidate; last sleep: "
+              f"{(last or {}).get('status', 'never')}. Run `somnus sleep --now` to sleep at once.")
+        return
+    if json_output:
+        report = sleep_now(ws.paths, ws.config, steps=steps)
+        _print_json(report.record())
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.fields[stage]:<12}"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=1.0, stage="sleep")
+        report = sleep_now(ws.paths, ws.config, steps=steps, on_event=lambda event: bar.update(
+            task, completed=event.progress, description=event.message, stage=event.stage))
+    _print_sleep_report(report)
+
+
+def _print_sleep_report(report) -> None:
+    def percent(value):
+        return "-" if value is None else f"{value:.0%}"
+
+    console = Console()
+    console.print(f"[bold]{report.status}[/bold]: {report.reason}")
+    if report.status in ("promoted", "rejected"):
+        _print_table(["", "value"], [
+            ["adapter version", report.adapter],
+            ["sessions", ", ".join(map(str, report.sessions))],
+            ["recall before -> after", f"{percent(report.recall_before)} -> {percent(report.recall_after)}"],
+            ["retention of older nights", percent(report.retention)],
+            ["in-context before -> after", f"{percent(report.in_context_before)} -> {percent(report.in_context_after)}"],
+            ["seconds", report.seconds],
+        ])
+
+
+@app.command()
+def adapters(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+    """Adapter versions: which sessions each consolidated, its scores, which one is live."""
+    ws = workspace(ctx)
+    with _open_store(ws) as store:
+        rows = store.sleep.adapters()
+    if json_output:
+        _print_json(rows)
+        return
+    if not rows:
+        print("no adapters yet: the model has not slept")
+        return
+    _print_table(["version", "status", "sessions", "recall", "retention", "created"], [
+        [r["version"], r["status"], ",".join(map(str, r["sessions"])) or "-",
+         _score(r, "recall_before", "recall_after"), _score(r, "retention"), _short_time(r["created"])]
+        for r in rows
+    ])
+
+
+def _score(row: dict, *keys: str) -> str:
+    scores = row.get("scores") or {}
+    values = [scores.get(k) for k in keys]
+    return " -> ".join("-" if v is None else f"{v:.0%}" for v in values)
+
+
+@app.command()
+def rollback(ctx: typer.Context) -> None:
+    """Return to the previous adapter version; its sessions will be learnt again at the next sleep."""
+    from assistant.sleep.runner import is_sleeping
+
+    ws = workspace(ctx)
+    if is_sleeping(ws.paths):
+        raise SomnusError("a sleep is running; roll back after it ends")
+    with _open_store(ws) as store:
+        live = store.sleep.rollback()
+    print(f"live adapter: version {live['version']}" if live else "live: the bare model (no adapter)")
+
+
+JsonPathOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")]
+
+
+@bench_app.command("model")
+def bench_model(
+    ctx: typer.Context,
+    json_path: JsonPathOption = None,
+    babi: Annotated[Optional[Path], typer.Option("--babi", help="Folder with the bAbI qa1 test file.")] = None,
+    engine: Annotated[str, typer.Option(help="Engine that answers: torch, llamacpp or mlx.")] = "torch",
+    sessions: Annotated[int, typer.Option(help="Held-out generated sessions to ask about.")] = 100,
+    parity: Annotated[bool, typer.Option(help="Also compare greedy tokens of torch and llama.cpp.")] = True,
+) -> None:
+    """In-context and no-context recall of the model, on generated held-out data and on bAbI qa1."""
+    from assistant.bench import model as model_bench
+    from assistant.models import gguf_for, resolve_model
+    from backends.select import is_installed, open_backend
+
+    ws = workspace(ctx)
+    model = resolve_model(ws.config.model, ws.paths)
+    if model.kind == "gguf":
+        raise SomnusError("somnus bench model needs a Hugging Face model folder (the torch engine is the reference)")
+    gguf = gguf_for(model, ws.paths) if (parity or engine == "llamacpp") and is_installed("llamacpp") else None
+    backend = open_backend(engine, hf_dir=model.path, gguf_path=gguf)
+    try:
+        model_bench.run(backend, babi_dir=babi, sessions=sessions, json_path=json_path,
+                        parity=(model.path, gguf) if parity and gguf else None)
+    finally:
+        backend.close()
+
+
+@bench_app.command("engines")
+def bench_engines(ctx: typer.Context, json_path: JsonPathOption = None) -> None:
+    """Tokens per second and first-token latency of torch and llama.cpp on the same model."""
+    from assistant.bench import engines
+    from assistant.models import gguf_for, resolve_model
+    from backends.select import is_installed
+
+    ws = workspace(ctx)
+    model = resolve_model(ws.config.model, ws.paths)
+    if model.kind == "gguf":
+        raise SomnusError("somnus bench engines needs a Hugging Face model folder (torch runs it too)")
+    engines.run(model.path, json_path=json_path,
+                gguf_path=gguf_for(model, ws.paths) if is_installed("llamacpp") else None)
+
+
+@app.command()
+def daemon(
+    ctx: typer.Context,
+    install: Annotated[bool, typer.Option("--install", help="Write a login service (systemd user unit or launchd agent) that runs it.")] = False,
+) -> None:
+    """Sleep while you are away, without the app: the app's idle check, headless (Ctrl-C stops it)."""
+    from assistant.daemon import install_service, run_daemon
+
+    ws = workspace(ctx)
+    if install:
+        path, enable = install_service(ws.paths)
+        print(f"wrote {path}; turn it on with: {enable}")
+        return
+    run_daemon(ws.paths, ws.config, say=lambda line: print(line, flush=True))
+
+
 def main() -> None:
     """Console entry point: private files by default, and user errors as one line with exit 2."""
     os.umask(0o077)
@@ -306,6 +453,15 @@ def main() -> None:
     except (SomnusError, BackendError) as error:
         _print_error(error)
         sys.exit(2)
+
+
+def _run_app(ws: Workspace, session_id: int | None = None, private: bool = False) -> None:
+    """The Textual app (imported here: ``somnus --help`` and the plain commands need none of it)."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise SomnusError("the app needs a terminal; for scripts and pipes use `somnus chat --plain`")
+    from tui.app import SomnusApp
+
+    SomnusApp(ws.paths, ws.config, session_id=session_id, private=private).run()
 
 
 @contextmanager
@@ -330,7 +486,11 @@ def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, priva
 
     if store is not None and session_id is not None:
         store.session(session_id)  # fail on a wrong id before spending time loading a model
-    backend, model = open_chat_backend(ws.config, ws.paths)
+    if store is None and ws.paths.database.exists():  # a private chat still knows what sleep taught
+        with _open_store(ws) as knowledge:
+            backend, model = open_chat_backend(ws.config, ws.paths, knowledge)
+    else:
+        backend, model = open_chat_backend(ws.config, ws.paths, store)
     try:
         yield Chat(backend, model=model.ref, store=store, session_id=session_id,
                    sampling=sampling_from(ws.config), private=private)
@@ -389,15 +549,6 @@ def _print_table(columns: list[str], rows: list[list[object]]) -> None:
 def _short_time(stamp: str) -> str:
     """``2024-05-01T12:34:56.789+00:00`` as ``2024-05-01 12:34`` (UTC, as recorded)."""
     return stamp[:16].replace("T", " ")
-
-
-def _markdown(session: dict) -> str:
-    lines = [f"# {session['title'] or 'Session ' + str(session['id'])}", "",
-             f"- session: {session['id']}", f"- created: {session['created']}", f"- model: {session['model']}", ""]
-    for message in session["messages"]:
-        status = "" if message["status"] == "complete" else f", {message['status']}"
-        lines += [f"## {message['role']} ({message['created']}{status})", "", message["content"], ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

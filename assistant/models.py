@@ -146,19 +146,28 @@ def gguf_for(model: Model, paths: Paths) -> Path:
     return export
 
 
-def open_chat_backend(config: Config, paths: Paths) -> tuple[Backend, Model]:
-    """The chat engine for the configured model and backend setting, loaded, and the model it runs."""
+def open_chat_backend(config: Config, paths: Paths, store=None) -> tuple[Backend, Model]:
+    """The chat engine for the configured model and backend setting, loaded, and the model it runs.
+
+    With a ``store``, the engine wears the live adapter stack: what the model learnt in its sleeps.
+    """
     from backends.select import choose_engines, open_backend
 
     model = resolve_model(config.model, paths)
     requested = "llamacpp" if model.kind == "gguf" and config.backend == "auto" else config.backend
     engine, _training_engine = choose_engines(requested)
     if engine == "llamacpp":
-        return open_backend(engine, gguf_path=gguf_for(model, paths)), model
-    if model.kind == "gguf":
+        backend = open_backend(engine, gguf_path=gguf_for(model, paths))
+    elif model.kind == "gguf":
         raise ModelError(f"the {engine} engine needs a Hugging Face model folder, not the GGUF file {model.path}: "
                          "use --backend llamacpp")
-    return open_backend(engine, hf_dir=model.path), model
+    else:
+        backend = open_backend(engine, hf_dir=model.path)
+    if store is not None:
+        from assistant.sleep.blocks import live_adapters
+
+        backend.set_adapters(live_adapters(store, model.ref))
+    return backend, model
 
 
 def _fingerprint(folder: Path) -> str:

@@ -94,6 +94,18 @@ def load_stack(path: Path) -> Stack:
     return Stack(data["version"], blocks, data.get("parent"), extra)
 
 
+def live_stack(store) -> Stack:
+    """The stack the model wears now (version 0, no blocks, before the first promotion)."""
+    live = store.sleep.live_adapter()
+    return load_stack(Path(live["path"])) if live else empty_stack()
+
+
+def live_adapters(store, model_ref: str) -> list[Adapter]:
+    """What the chat engine attaches: the live stack, if it was grown on this very model."""
+    stack = live_stack(store)
+    return stack.adapters() if stack.blocks and stack.extra.get("model") == model_ref else []
+
+
 def empty_stack() -> Stack:
     """Version 0: the bare model, before any sleep."""
     return Stack(0)

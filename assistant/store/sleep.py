@@ -102,6 +102,55 @@ class SleepLedger:
             ids = [row[0] for row in db.execute("SELECT id FROM adapters WHERE status = 'live' ORDER BY version")]
         return [self.adapter(adapter_id) for adapter_id in ids]
 
+    def live_adapter(self) -> dict | None:
+        """The one live adapter version, or None while the bare model is live."""
+        live = self.live_adapters()
+        return live[-1] if live else None
+
+    def next_version(self) -> int:
+        with self._store.reading() as db:
+            return (db.execute("SELECT max(version) FROM adapters").fetchone()[0] or 0) + 1
+
+    def promote(self, adapter_id: int, last_message_ids: Mapping[int, int]) -> None:
+        """Make ``adapter_id`` the live version and record what it consolidated, in ONE transaction:
+        the live adapter is always a complete old one or a complete new one, whatever kills us."""
+        rows = [{"adapter_id": adapter_id, "session_id": session_id, "last_message_id": message_id}
+                for session_id, message_id in last_message_ids.items()]
+        with self._store.transaction() as db:
+            db.execute("UPDATE adapters SET status = 'retired' WHERE status = 'live'")
+            db.execute("UPDATE adapters SET status = 'live' WHERE id = ?", [adapter_id])
+            db["adapter_sessions"].insert_all(rows, replace=True)
+
+    def rollback(self) -> dict | None:
+        """Retire the live version and make its parent live again (None: back to the bare model).
+
+        The retired version's sessions become unconsolidated again, so the next sleep relearns them:
+        nothing the user said is lost."""
+        with self._store.transaction() as db:
+            live = db.execute("SELECT id, parent_version FROM adapters WHERE status = 'live'").fetchone()
+            if live is None:
+                raise StoreError("nothing to roll back: the bare model is live")
+            db.execute("UPDATE adapters SET status = 'retired' WHERE id = ?", [live[0]])
+            if live[1] is not None:
+                db.execute("UPDATE adapters SET status = 'live' WHERE version = ?", [live[1]])
+        return self.live_adapter()
+
+    def adapters(self) -> list[dict]:
+        """Every version, newest first, with the sessions each one consolidated."""
+        with self._store.reading() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM adapters ORDER BY version DESC")]
+            sessions = {}
+            for adapter_id, session_id in db.execute("SELECT adapter_id, session_id FROM adapter_sessions"):
+                sessions.setdefault(adapter_id, []).append(session_id)
+        return [{**self.adapter(i), "sessions": sorted(sessions.get(i, []))} for i in ids]
+
+    def fail_interrupted_runs(self) -> int:
+        """Runs still marked running when no sleep holds the lock were killed: say so."""
+        with self._store.transaction() as db:
+            cursor = db.execute("UPDATE sleep_runs SET status = 'failed', error = 'interrupted', finished = ? "
+                                "WHERE status = 'running'", [now()])
+            return cursor.rowcount
+
     def record_consolidation(self, adapter_id: int, last_message_ids: Mapping[int, int]) -> None:
         """Record that ``adapter_id`` learnt each session up to and including its given message id."""
         rows = [{"adapter_id": adapter_id, "session_id": session_id, "last_message_id": message_id}

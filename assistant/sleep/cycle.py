@@ -1,0 +1,214 @@
+"""One night, in the paper's words: select sessions, consolidate, gate, promote (or keep the old).
+
+The cycle runs in the sleep process (``assistant.sleep.runner``), never in the chat's: it reads the
+sessions no live adapter has learnt, grows a block on the live stack and trains it by Knowledge
+Seeding, then asks the gate. Every file it writes appears whole or not at all (the block folder and
+the manifest are renamed into place) and the promotion is one database transaction, so a sleep
+killed at any point leaves the store and the live adapter exactly as they were.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+from assistant.config import Config, Paths
+from assistant.models import ModelError, resolve_model
+from assistant.nano.world import World
+from assistant.sleep import blocks, lessons
+from assistant.sleep.gate import GateSettings, Probe, fits, judge
+from assistant.sleep.seeding import Row, SeedingSettings, consolidate
+from assistant.store import Store
+from backends.base import BlockTrainer, LoraSpec, Sampling
+
+Progress = Callable[[str, float, str], None]  # (stage, fraction done, message)
+GREEDY = Sampling(max_tokens=48, temperature=0.0)
+
+
+@dataclass(frozen=True)
+class SleepSettings:
+    spec: LoraSpec = LoraSpec()
+    seeding: SeedingSettings = SeedingSettings()
+    gate: GateSettings = GateSettings()
+    lr: float = 2e-3
+    probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate
+    question_samples: int = 3  # sampled question lists per session, besides the greedy one
+    anchors: int = 24  # generic rows that pin the model's everyday behaviour
+    seed: int = 0
+
+
+@dataclass
+class SleepReport:
+    status: str  # promoted, rejected, nothing or failed
+    adapter: int | None = None
+    sessions: list[int] = field(default_factory=list)
+    recall_before: float | None = None
+    recall_after: float | None = None
+    retention: float | None = None
+    in_context_before: float | None = None
+    in_context_after: float | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    run: int | None = None
+    training: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def sleep_cycle(
+    paths: Paths,
+    config: Config,
+    store: Store,
+    *,
+    settings: SleepSettings = SleepSettings(),
+    progress: Progress = lambda stage, fraction, message: None,
+    open_trainer: Callable[..., BlockTrainer] | None = None,
+) -> SleepReport:
+    """Run one night and record it; the caller holds the sleep lock."""
+    started = time.time()
+    ledger = store.sleep
+    ledger.fail_interrupted_runs()
+    run_id = ledger.start_run()
+    try:
+        report = _night(paths, config, store, run_id, settings, progress, open_trainer)
+    except BaseException as error:
+        ledger.finish_run(run_id, "failed", error=str(error) or type(error).__name__)
+        raise
+    report.run, report.seconds = run_id, round(time.time() - started, 1)
+    ledger.finish_run(run_id, "complete", report=report.record())
+    progress("done", 1.0, report.reason)
+    return report
+
+
+def _night(paths, config, store, run_id, settings, progress, open_trainer) -> SleepReport:
+    ledger = store.sleep
+    progress("select", 0.0, "looking for sessions to consolidate")
+    pending = ledger.unconsolidated_sessions()
+    if not pending:
+        return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
+    model = resolve_model(config.model, paths)
+    if model.kind == "gguf":
+        raise ModelError(f"sleep trains a Hugging Face model folder; {model.path} is a GGUF file")
+    stack = blocks.live_stack(store)
+    if open_trainer is None:
+        from backends.select import choose_engines, open_trainer
+        engine = choose_engines(config.backend)[1]
+        trainer = open_trainer(engine, model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
+                               seed=settings.seed)
+    else:
+        trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
+                               seed=settings.seed)
+    try:
+        return _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model.ref)
+    finally:
+        trainer.close()
+
+
+def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model_ref):
+    ledger = store.sleep
+    rng = random.Random(settings.seed + run_id)
+    session_ids = [row["session_id"] for row in pending]
+    progress("questions", 0.05, f"writing questions about {len(session_ids)} session(s)")
+    new_lessons = [lesson for sid in session_ids for lesson in _lessons(trainer, store, sid, settings, rng)]
+    rows, probes = _teach(trainer, new_lessons)
+    if not rows:
+        return SleepReport("nothing", sessions=session_ids,
+                           reason="the teacher found nothing to ask about these sessions")
+    asked_tonight = {row.student_prompt for row in rows} | {trainer.render_chat(_user(p.question)) for p in probes}
+    old_prompts = [p for p in stack.extra.get("prompts", [])
+                   if trainer.render_chat(_user(p["question"])) not in asked_tonight]
+    old_probes = [Probe(**p) for p in stack.extra.get("probes", [])
+                  if trainer.render_chat(_user(p["question"])) not in asked_tonight]
+    rows += [Row(trainer.render_chat(_user(p["question"])), trainer.render_chat(_user(p["question"])),
+                 p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
+    rows += _anchors(trainer, settings)
+    seeding = replace(settings.seeding, seed=settings.seed + run_id)
+    log = consolidate(trainer, rows, seeding,
+                      progress=lambda step, total: progress("consolidate", 0.1 + 0.7 * step / total,
+                                                            f"step {step}/{total}"))
+    progress("gate", 0.8, f"asking {len(probes)} held-out question(s)")
+    verdict = judge(trainer, probes, old_probes, settings.gate)
+    block_id = f"night{run_id:04d}-{secrets.token_hex(3)}"
+    block = blocks.Block(block_id, blocks.block_dir(paths.home, block_id), tuple(session_ids), run_id)
+    trainer.save_new_block(block.path)
+    version = ledger.next_version()
+    grown = stack.grown(block, version)
+    grown = replace(grown, extra={
+        "model": model_ref,
+        "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in rows if r.kind == "new"],
+        "probes": [asdict(p) for p in old_probes + probes],
+        "verdict": verdict.record(),
+    })
+    manifest = blocks.save_stack(paths.home, grown)
+    adapter_id = ledger.add_adapter(version, str(manifest), parent_version=stack.version or None,
+                                    sleep_run_id=run_id, scores=verdict.record())
+    if verdict.promote:
+        ledger.promote(adapter_id, {row["session_id"]: row["last_message_id"] for row in pending})
+    else:
+        ledger.set_adapter_status(adapter_id, "rejected")
+    return SleepReport(
+        "promoted" if verdict.promote else "rejected", version, session_ids, verdict.recall_before,
+        verdict.recall_after, verdict.retention, verdict.in_context_before, verdict.in_context_after,
+        reason=verdict.reason, training=log.summary(),
+    )
+
+
+def _lessons(trainer, store, session_id, settings, rng) -> list[lessons.Lesson]:
+    """The session's knowledge windows and, for each, the questions the teacher writes about it."""
+    budget = trainer.context_length - 2 * GREEDY.max_tokens - 64
+    messages = [m for m in store.messages(session_id) if m["status"] == "complete"]
+    result = []
+    for window in lessons.windows(messages, lambda ctx: len(trainer.encode(trainer.render_chat(ctx))) <= budget):
+        context = lessons.knowledge_context(window)
+        request = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
+        samplings = [GREEDY] + [Sampling(max_tokens=96, temperature=1.0, seed=rng.randrange(2**31))
+                                for _ in range(settings.question_samples)]
+        written = [q for s in samplings for q in
+                   lessons.parse_questions(trainer.generate([request], replace(s, max_tokens=96), new_block=False)[0])]
+        questions = lessons.asked_questions(window) + written
+        train, probe = lessons.split_prompts(questions, settings.probe_share, rng)
+        result.append(lessons.Lesson(session_id, context, train, probe))
+    return result
+
+
+def _teach(trainer, new_lessons) -> tuple[list[Row], list[Probe]]:
+    """The teacher answers every question with the session in context; later sessions win."""
+    by_prompt: dict[str, tuple[lessons.Lesson, str, bool]] = {}
+    for lesson in new_lessons:
+        for question in lesson.train_prompts:
+            by_prompt[question] = (lesson, question, False)
+        for question in lesson.probe_prompts:
+            by_prompt[question] = (lesson, question, True)
+    items = list(by_prompt.values())
+    teacher_prompts = [trainer.render_chat(lesson.context + _user(q)) for lesson, q, _ in items]
+    answers = trainer.generate(teacher_prompts, GREEDY, new_block=False) if items else []
+    rows, probes = [], []
+    for (lesson, question, is_probe), prompt, answer in zip(items, teacher_prompts, answers):
+        if not answer.strip():
+            continue
+        if is_probe:
+            probes.append(Probe(question, answer.strip(), lesson.session_id))
+        else:
+            rows.append(Row(prompt, trainer.render_chat(_user(question)), answer.strip(), question=question))
+    return rows, probes
+
+
+def _anchors(trainer, settings) -> list[Row]:
+    """Everyday prompts (small talk, reading a story in context) and the pre-sleep model's answers."""
+    world = World(settings.seed + 17)
+    chats = []
+    for index in range(settings.anchors):
+        session = world.small_talk_session() if index % 3 == 0 else world.story_session()
+        cut = session.probes[0].at if session.probes else 1
+        chats.append(session.chat()[:cut])
+    prompts = [prompt for prompt in map(trainer.render_chat, chats) if fits(trainer, prompt)]
+    answers = trainer.generate(prompts, GREEDY, new_block=False)
+    return [Row(p, p, a.strip(), kind="anchor") for p, a in zip(prompts, answers) if a.strip()]
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,110 @@
+"""The gate: a new adapter goes live only if it recalls more and forgets nothing that matters.
+
+In real use there is no gold answer. The probes are questions the teacher wrote about tonight's
+sessions and that training never saw; the teacher, with the session in its context, gives the
+reference answer. Recall is the share of probes the model answers *without* the session the way the
+teacher answers *with* it. Retention re-asks earlier nights' probes (stored with their references in
+the adapter manifests) and measures in-context reading on fresh generated stories, before and after.
+
+An answer matches its reference when they are equal after ``normalise_answer`` (case, spacing, end
+punctuation): strict on purpose, since a near miss on a name is a wrong name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from assistant.nano import evaluate
+from assistant.sleep.rewards import normalise_answer
+from backends.base import BlockTrainer, Sampling
+
+GREEDY = Sampling(max_tokens=48, temperature=0.0)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A question about a session and the teacher's answer with the session in context."""
+
+    question: str
+    reference: str
+    session_id: int | None = None
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    retention_tolerance: float = 0.05  # old recall may fall by at most this share of its value
+    in_context_tolerance: float = 0.02  # in-context accuracy may fall by at most 2 points
+    in_context_sessions: int = 12  # fresh generated sessions for the in-context check
+    seed: int = 4242
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reason: str
+    recall_before: float
+    recall_after: float
+    retention: float
+    old_recall_before: float | None
+    old_recall_after: float | None
+    in_context_before: float
+    in_context_after: float
+    probes: int
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def fits(trainer: BlockTrainer, prompt: str) -> bool:
+    """Whether ``prompt`` leaves room for a greedy answer in the model's context."""
+    return len(trainer.encode(prompt)) + GREEDY.max_tokens <= trainer.context_length
+
+
+def matches(answer: str, reference: str) -> bool:
+    return normalise_answer(answer) == normalise_answer(reference)
+
+
+def recall(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> float:
+    """Share of probes answered, with no session in context, as the teacher answered them."""
+    if not probes:
+        return 0.0
+    prompts = [trainer.render_chat([{"role": "user", "content": p.question}]) for p in probes]
+    answers = trainer.generate(prompts, GREEDY, new_block=new_block)
+    return sum(matches(a, p.reference) for a, p in zip(answers, probes)) / len(probes)
+
+
+def in_context(trainer: BlockTrainer, settings: GateSettings, *, new_block: bool) -> float:
+    """Reading accuracy with the facts in context, on fresh generated held-out sessions."""
+    sessions = evaluate.heldout_sessions(settings.seed, settings.in_context_sessions)
+    contexts, values = [], []
+    for session in sessions:
+        for probe in session.probes:
+            context = trainer.render_chat(session.chat()[: probe.at])
+            if fits(trainer, context):
+                contexts.append(context)
+                values.append(probe.value)
+    answers = trainer.generate(contexts, GREEDY, new_block=new_block)
+    return sum(evaluate.answered(a, v) for a, v in zip(answers, values)) / max(len(values), 1)
+
+
+def judge(
+    trainer: BlockTrainer, new_probes: Sequence[Probe], old_probes: Sequence[Probe], settings: GateSettings
+) -> Verdict:
+    """Measure the live stack (new block off) and the candidate (new block on), then decide."""
+    before, after = recall(trainer, new_probes, new_block=False), recall(trainer, new_probes, new_block=True)
+    old_before = recall(trainer, old_probes, new_block=False) if old_probes else None
+    old_after = recall(trainer, old_probes, new_block=True) if old_probes else None
+    retention = 1.0 if not old_before else old_after / old_before
+    ic_before = in_context(trainer, settings, new_block=False)
+    ic_after = in_context(trainer, settings, new_block=True)
+    if after <= before:
+        promote, reason = False, f"recall did not rise ({before:.0%} -> {after:.0%})"
+    elif retention < 1 - settings.retention_tolerance:
+        promote, reason = False, f"old memories faded (retention {retention:.0%})"
+    elif ic_after < ic_before - settings.in_context_tolerance:
+        promote, reason = False, f"in-context reading fell ({ic_before:.0%} -> {ic_after:.0%})"
+    else:
+        promote, reason = True, f"recall {before:.0%} -> {after:.0%}, retention {retention:.0%}"
+    return Verdict(promote, reason, before, after, retention, old_before, old_after, ic_before, ic_after,
+                   len(new_probes))

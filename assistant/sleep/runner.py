@@ -1,0 +1,176 @@
+"""The sleep as a separate process: one at a time, progress as JSON lines, safe to kill.
+
+Chat must stay usable while the model sleeps, so the cycle runs in a child process
+(``python -m assistant.sleep.runner``) that holds an exclusive lock on ``sleep.lock`` in the data
+folder: a second sleep is refused at once with a clear message. The child prints one JSON object per
+line: ``{"event": "progress", "stage", "progress", "message"}`` while it works, then
+``{"event": "report", ...}``. ``start_sleep`` wraps that for the CLI, the scheduler and the TUI.
+A child killed with SIGKILL leaves its run marked ``running``; the next sleep, holding the lock,
+marks it failed ("interrupted") and starts clean, since nothing it wrote was ever live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from assistant.config import Config, Paths, SomnusError, load_config, open_paths
+from assistant.sleep.cycle import SleepReport
+
+LOCK_FILE = "sleep.lock"
+BUSY_EXIT = 3
+
+
+class SleepBusy(SomnusError):
+    """Another sleep holds the lock."""
+
+
+class SleepFailed(SomnusError):
+    """The sleep process ended without a report."""
+
+
+@dataclass(frozen=True)
+class SleepEvent:
+    stage: str
+    progress: float
+    message: str
+
+
+def _lock(paths: Paths):
+    """The exclusive sleep lock (an open file), or SleepBusy."""
+    handle = open(paths.home / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SleepBusy("a sleep is already running; wait for it to finish") from None
+    return handle
+
+
+def is_sleeping(paths: Paths) -> bool:
+    try:
+        _lock(paths).close()
+    except SleepBusy:
+        return True
+    return False
+
+
+class SleepHandle:
+    """A running sleep process: its progress events, then its report."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self._report: SleepReport | None = None
+        self._error = ""
+
+    def events(self) -> Iterator[SleepEvent]:
+        for line in self.process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "progress":
+                yield SleepEvent(event["stage"], float(event["progress"]), event["message"])
+            elif event.get("event") == "report":
+                known = {f.name for f in fields(SleepReport)}
+                self._report = SleepReport(**{k: v for k, v in event.items() if k in known})
+            elif event.get("event") == "error":
+                self._error = event["message"]
+
+    def result(self) -> SleepReport:
+        """Wait for the end; the report, or SleepBusy / SleepFailed with the child's reason."""
+        for _ in self.events():
+            pass
+        code = self.process.wait()
+        if code == BUSY_EXIT:
+            raise SleepBusy(self._error or "a sleep is already running; wait for it to finish")
+        if self._report is None:
+            raise SleepFailed(f"sleep failed: {self._error or f'the sleep process exited with status {code}'}")
+        return self._report
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def start_sleep(paths: Paths, config: Config, *, steps: int | None = None) -> SleepHandle:
+    """Start a sleep in its own process (refused at once if one runs already)."""
+    if is_sleeping(paths):
+        raise SleepBusy("a sleep is already running; wait for it to finish")
+    command = [sys.executable, "-m", "assistant.sleep.runner", "--home", str(paths.home),
+               "--model", config.model, "--backend", config.backend]
+    if steps:
+        command += ["--steps", str(steps)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return SleepHandle(process)
+
+
+def sleep_now(
+    paths: Paths, config: Config, on_event: Callable[[SleepEvent], None] | None = None, *, steps: int | None = None
+) -> SleepReport:
+    """The blocking library call behind ``somnus sleep --now``, the scheduler and ``/sleep``."""
+    handle = start_sleep(paths, config, steps=steps)
+    for event in handle.events():
+        if on_event:
+            on_event(event)
+    return handle.result()
+
+
+def _leave_a_core_for_chat() -> None:
+    """Train on all cores but one, so the chat (and the user's other programs) stay responsive."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+
+def _emit(**payload) -> None:
+    print(json.dumps(payload), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one sleep (normally started by `somnus sleep`).")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--backend")
+    parser.add_argument("--steps", type=int)
+    args = parser.parse_args(argv)
+    os.umask(0o077)
+    _leave_a_core_for_chat()
+    from assistant.sleep.cycle import SleepSettings, sleep_cycle
+    from assistant.store import open_store
+    from backends.base import BackendError
+
+    try:
+        paths = open_paths(args.home)
+        config = load_config(paths).with_overrides(model=args.model, backend=args.backend)
+        lock = _lock(paths)
+    except SleepBusy as error:
+        _emit(event="error", message=str(error))
+        return BUSY_EXIT
+    settings = SleepSettings()
+    if args.steps:
+        settings = replace(settings, seeding=replace(settings.seeding, steps=args.steps))
+    try:
+        with lock, open_store(paths, config) as store:
+            report = sleep_cycle(paths, config, store, settings=settings,
+                                 progress=lambda stage, fraction, message: _emit(
+                                     event="progress", stage=stage, progress=round(fraction, 4), message=message))
+    except (SomnusError, BackendError, ValueError) as error:
+        _emit(event="error", message=str(error))
+        return 2
+    _emit(event="report", **report.record())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

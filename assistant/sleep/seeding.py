@@ -1,0 +1,202 @@
+"""Knowledge Seeding: move what the teacher knows *with* a session into the student *without* it.
+
+Teacher: the pre-sleep model (frozen blocks, ``new_block=False``) with the session's knowledge in
+its context. Student: the grown model (frozen blocks + the new block) with the prompt alone. Only
+the new block trains. Two terms, taken in alternating steps and weighted as the paper's objective
+L_KS = E[(1 - alpha) r - alpha D] (maximised):
+
+- distillation: per-token JSD(beta) between teacher and student over completions that are the
+  student's own samples (on-policy, share ``on_policy`` = the paper's lambda) or the teacher's
+  answers (off-policy);
+- learning to imitate (LTI): the student completes a random prefix of the teacher's answer, a group
+  of samples at a time; reward gamma * r_sem + (1 - gamma) * r_abs with group-normalised advantages
+  (GRPO-style). r_sem is the teacher's own judgement: the mean per-token probability the teacher,
+  who has the session in context, gives the student's answer.
+
+Two more kinds of rows keep old knowledge: replay of earlier nights' prompts, and generic prompts,
+both distilled from the pre-sleep model *as it is* (same input, no new context): a KL anchor, so the
+new block changes only what tonight's sessions are about. A replayed prompt that tonight asks too is
+dropped, so a newer fact supersedes an older one instead of fighting it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from assistant.sleep import losses, rewards
+from backends.base import BlockTrainer, Sampling
+
+
+@dataclass(frozen=True)
+class SeedingSettings:
+    """The night's training budget and the paper's open hyperparameters (documented choices)."""
+
+    steps: int = 120
+    batch_size: int = 8
+    on_policy: float = 0.5  # lambda: GKD favours mostly on-policy; half keeps the teacher's exact wording in view
+    beta: float = losses.JSD_BETA
+    alpha: float = losses.SEEDING_ALPHA
+    gamma: float = rewards.IMITATION_GAMMA
+    threshold: float = rewards.EDIT_DISTANCE_THRESHOLD
+    lti_every: int = 2  # one LTI step after every this many distillation steps (0: no LTI)
+    lti_group: int = 4  # samples per prefix: the group of the group-normalised advantage
+    replay_share: float = 0.25  # of each batch, rows from earlier nights' prompts
+    anchor_share: float = 0.125  # of each batch, generic rows anchored to the pre-sleep model
+    sample_temperature: float = 1.0
+    max_answer_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    """A prompt to learn: the teacher's input, the student's input, and the teacher's answer."""
+
+    teacher_prompt: str
+    student_prompt: str
+    answer: str
+    kind: str = "new"  # new (tonight's knowledge), replay (earlier nights), anchor (generic)
+    question: str = ""  # the bare question, kept with the night's adapter for later replay
+    teacher_ids: list[int] = field(default_factory=list)
+    student_ids: list[int] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SeedingLog:
+    distill_losses: list[float] = field(default_factory=list)
+    lti_rewards: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        tail = self.distill_losses[-10:] or [math.nan]
+        return {
+            "steps": len(self.distill_losses),
+            "distill_loss_first": self.distill_losses[0] if self.distill_losses else None,
+            "distill_loss_last": sum(tail) / len(tail),
+            "lti_reward_mean": sum(self.lti_rewards) / len(self.lti_rewards) if self.lti_rewards else None,
+        }
+
+
+def end_of_turn(trainer: BlockTrainer) -> str:
+    """The text the chat template puts after an assistant reply (e.g. ``<|im_end|>``)."""
+    user = [{"role": "user", "content": "x"}]
+    prompt = trainer.render_chat(user)
+    full = trainer.render_chat(user + [{"role": "assistant", "content": "y"}], add_generation_prompt=False)
+    return full[len(prompt) + 1 :].rstrip() if full.startswith(prompt) else ""
+
+
+def prepare(trainer: BlockTrainer, rows: Sequence[Row]) -> None:
+    """Tokenize every row once (answers end with the end-of-turn marker, so stopping is learnt)."""
+    marker = end_of_turn(trainer)
+    for row in rows:
+        row.teacher_ids = trainer.encode(row.teacher_prompt)
+        row.student_ids = trainer.encode(row.student_prompt)
+        row.answer_ids = trainer.encode(row.answer + marker)
+
+
+def consolidate(
+    trainer: BlockTrainer,
+    rows: Sequence[Row],
+    settings: SeedingSettings,
+    progress: Callable[[int, int], None] = lambda step, total: None,
+    reward_fn: Callable[[str, str, float], float] | None = None,
+) -> SeedingLog:
+    """Train the new block for ``settings.steps`` steps; returns the curve for the report."""
+    rng = random.Random(settings.seed)
+    prepare(trainer, rows)
+    pools = {kind: [r for r in rows if r.kind == kind] for kind in ("new", "replay", "anchor")}
+    if not pools["new"]:
+        raise ValueError("nothing to consolidate: no prompts about tonight's sessions")
+    log = SeedingLog()
+    for step in range(settings.steps):
+        batch = _batch(pools, settings, rng)
+        log.distill_losses.append(_distill_step(trainer, batch, settings, rng))
+        if settings.lti_every and (step + 1) % settings.lti_every == 0:
+            log.lti_rewards.append(_lti_step(trainer, rng.choice(pools["new"]), settings, rng, reward_fn))
+        progress(step + 1, settings.steps)
+    return log
+
+
+def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.Random) -> list[Row]:
+    size = settings.batch_size
+    extra = {kind: min(len(pools[kind]), round(size * share))
+             for kind, share in (("replay", settings.replay_share), ("anchor", settings.anchor_share))}
+    batch = [rng.choice(pools["new"]) for _ in range(size - sum(extra.values()))]
+    for kind, count in extra.items():
+        batch += rng.sample(pools[kind], count)
+    return batch
+
+
+def _distill_step(trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random) -> float:
+    """Generalized JSD on a mix of the student's samples and the teacher's answers."""
+    on_policy = [row for row in batch if row.kind == "new" and rng.random() < settings.on_policy]
+    completions = {id(row): row.answer_ids for row in batch}
+    if on_policy:
+        sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
+                            seed=rng.randrange(2**31))
+        texts = trainer.generate([r.student_prompt for r in on_policy], sampling, new_block=True)
+        marker = end_of_turn(trainer)
+        for row, text in zip(on_policy, texts):
+            completions[id(row)] = trainer.encode(text + marker)
+    answers = [completions[id(row)] for row in batch]
+    teacher_logits, _ = trainer.completion_logits([r.teacher_ids for r in batch], answers, new_block=False)
+    ops = trainer.ops
+
+    def loss_fn(logits, targets, mask):
+        return settings.alpha * losses.generalized_jsd(ops, logits, teacher_logits, mask, settings.beta)
+
+    return trainer.train_step([r.student_ids for r in batch], answers, loss_fn)
+
+
+def _lti_step(
+    trainer: BlockTrainer,
+    row: Row,
+    settings: SeedingSettings,
+    rng: random.Random,
+    reward_fn: Callable[[str, str, float], float] | None,
+) -> float:
+    """Learning to imitate: complete a random prefix of the teacher's answer; reward the likeness."""
+    answer_tokens = trainer.encode(row.answer)
+    cut = rng.randint(0, max(0, len(answer_tokens) - 1))
+    prefix_text = trainer.decode(answer_tokens[:cut])
+    sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
+                        seed=rng.randrange(2**31))
+    prompt = row.student_prompt + prefix_text
+    samples = trainer.generate([prompt] * settings.lti_group, sampling, new_block=True)
+    marker = end_of_turn(trainer)
+    completions = [trainer.encode(text + marker) for text in samples]
+    semantic = teacher_judgement(trainer, row, [prefix_text + s for s in samples])
+    reward = reward_fn or (lambda candidate, reference, sem: rewards.imitation_reward(
+        candidate, reference, gamma=settings.gamma, threshold=settings.threshold, semantic=sem))
+    scored = [reward(prefix_text + sample, row.answer, sem) for sample, sem in zip(samples, semantic)]
+    ops = trainer.ops
+    advantages = losses.group_advantages(ops, ops.asarray(scored))
+    prefix_ids = trainer.encode(prompt)
+
+    def loss_fn(logits, targets, mask):
+        logprobs = losses.completion_logprobs(ops, logits, targets)
+        return (1 - settings.alpha) * losses.policy_gradient_loss(ops, logprobs, advantages, mask)
+
+    if max(scored) > min(scored):  # an all-equal group has zero advantage: nothing to learn from it
+        trainer.train_step([prefix_ids] * len(completions), completions, loss_fn)
+    return sum(scored) / len(scored)
+
+
+def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str]) -> list[float]:
+    """r_sem: the teacher's mean per-token probability of each candidate, given the session."""
+    marker = end_of_turn(trainer)
+    completions = [trainer.encode(c + marker) for c in candidates]
+    logits, mask = trainer.completion_logits([trainer.encode(row.teacher_prompt)] * len(candidates), completions,
+                                             new_block=False)
+    ops = trainer.ops
+    logprobs = losses.completion_logprobs(ops, logits, _pad(completions))
+    totals = ops.sum(logprobs * mask, axis=-1)
+    counts = ops.sum(mask, axis=-1)
+    return [math.exp(float(t) / max(float(c), 1.0)) for t, c in zip(totals, counts)]
+
+
+def _pad(rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    width = max(len(r) for r in rows)
+    return [list(r) + [0] * (width - len(r)) for r in rows]
