@@ -98,7 +98,9 @@ def judge(
     retention = 1.0 if not old_before else old_after / old_before
     ic_before = in_context(trainer, settings, new_block=False)
     ic_after = in_context(trainer, settings, new_block=True)
-    if after <= before:
+    if not new_probes:
+        promote, reason = False, "no held-out question to judge recall by: kept the live adapter"
+    elif after <= before:
         promote, reason = False, f"recall did not rise ({before:.0%} -> {after:.0%})"
     elif retention < 1 - settings.retention_tolerance:
         promote, reason = False, f"old memories faded (retention {retention:.0%})"

@@ -1,0 +1,58 @@
+"""What a night learns from: the teacher's context, windows, and the prompts (pure functions)."""
+
+import random
+
+from assistant.sleep import lessons
+
+
+def test_the_teacher_hears_the_user_not_the_assistant():
+    session = [
+        {"role": "user", "content": "My dog is called Rex."},
+        {"role": "assistant", "content": "Your dog is called Max."},  # wrong, and corrected next
+        {"role": "user", "content": "No, that's wrong. My dog is called Rex."},
+    ]
+    context = lessons.knowledge_context(session)
+    assert [m["role"] for m in context] == ["user", "assistant"]
+    assert "Max" not in context[0]["content"]
+    assert context[0]["content"] == "My dog is called Rex.\nNo, that's wrong. My dog is called Rex."
+    assert context[1]["content"] == lessons.ACKNOWLEDGEMENT
+
+
+def test_a_long_session_is_split_into_overlapping_windows_that_cover_every_turn():
+    turns = [{"role": "user", "content": f"fact number {i}"} for i in range(10)]
+    fits = lambda context: context[0]["content"].count("\n") < 4  # at most four turns per window
+    windows = lessons.windows(turns, fits, overlap=2)
+    assert len(windows) > 1
+    assert all(fits(lessons.knowledge_context(w)) for w in windows)
+    covered = [t["content"] for w in windows for t in w]
+    assert set(covered) == {t["content"] for t in turns}
+    for first, second in zip(windows, windows[1:]):
+        assert first[-2:] == second[:2]  # consecutive windows share two turns
+
+
+def test_a_session_that_fits_is_one_window_and_an_empty_one_none():
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert lessons.windows(turns, lambda c: True) == [[turns[0]]]
+    assert lessons.windows([], lambda c: True) == []
+
+
+def test_written_questions_are_parsed_from_a_numbered_list():
+    reply = "1. What is my dog's name?\n2) Where do I live?\nsome chatter\n3. What is my dog's name?\n4. not a question"
+    assert lessons.parse_questions(reply) == ["What is my dog's name?", "Where do I live?"]
+
+
+def test_questions_the_user_asked_become_prompts():
+    messages = [
+        {"role": "user", "content": "John moved to the hallway. Where is John?"},
+        {"role": "assistant", "content": "John is in the hallway. Anything else?"},
+        {"role": "user", "content": "Thanks.\nWhere is Mary?"},
+    ]
+    assert lessons.asked_questions(messages) == ["Where is John?", "Where is Mary?"]
+
+
+def test_probes_are_held_out_from_training():
+    train, probes = lessons.split_prompts([f"q{i}?" for i in range(10)] + ["q1?"], 0.3, random.Random(0))
+    assert len(probes) == 3 and len(train) == 7
+    assert not set(train) & set(probes)
+    assert lessons.split_prompts(["a?", "b?"], 0.1, random.Random(0))[1]  # at least one probe
+    assert lessons.split_prompts(["a?"], 0.3, random.Random(0)) == (["a?"], [])

@@ -1,0 +1,102 @@
+"""The sleep as a user meets it: a real store, the real CLI and runner process, the tiny model.
+
+The tiny random model cannot learn anything useful, so these tests check the machinery (what is
+written, what is refused, what survives a kill); whether sleep teaches is measured on the bundled
+model in tests/test_sleep_nano.py and by `somnus bench sleep`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from assistant.config import load_config, open_paths
+from assistant.sleep import runner
+from assistant.store import open_store
+
+
+def somnus(home, model, *args, check=True):
+    command = [sys.executable, "-m", "assistant.cli", "--home", str(home), "--model", str(model),
+               "--backend", "torch", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def record_day(home, model):
+    paths = open_paths(home)
+    config = load_config(paths).with_overrides(model=str(model), backend="torch")
+    with open_store(paths, config) as store:
+        session = store.create_session(model=str(model))
+        store.add_message(session, "user", "My sister is called Zara. I live in Porto.")
+        store.add_message(session, "assistant", "Noted.")
+        store.add_message(session, "user", "Where do I live? And what is my sister's name?")
+        store.add_message(session, "assistant", "You live in Porto. Your sister is called Zara.")
+    return paths, config
+
+
+def ledger_state(paths, config):
+    with open_store(paths, config) as store:
+        return store.sleep.live_adapter(), [s["session_id"] for s in store.sleep.unconsolidated_sessions()]
+
+
+def test_an_empty_day_has_nothing_to_consolidate(tmp_path, tiny_model_dir):
+    result = somnus(tmp_path / "home", tiny_model_dir, "sleep", "--now", "--json")
+    report = json.loads(result.stdout)
+    assert report["status"] == "nothing"
+    assert "nothing to consolidate" in report["reason"]
+    for key in ("adapter", "sessions", "recall_before", "recall_after", "retention", "seconds"):
+        assert key in report
+
+
+@pytest.mark.slow
+def test_a_night_writes_a_versioned_adapter_and_a_report(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    paths, config = record_day(home, tiny_model_dir)
+    report = json.loads(somnus(home, tiny_model_dir, "sleep", "--now", "--json", "--steps", "2").stdout)
+    assert report["status"] in ("promoted", "rejected")
+    assert report["adapter"] == 1 and report["sessions"] == [1]
+    manifest = json.loads((home / "adapters" / "v0001.json").read_text())
+    block = manifest["blocks"][0]
+    assert block["sessions"] == [1]
+    assert (home / "adapters" / "blocks" / block["id"] / "adapter_model.safetensors").is_file()
+    assert oct(os.stat(home / "adapters" / "v0001.json").st_mode & 0o777) == "0o600"
+    listed = json.loads(somnus(home, tiny_model_dir, "adapters", "--json").stdout)
+    assert [a["version"] for a in listed] == [1]
+    assert listed[0]["status"] == ("live" if report["status"] == "promoted" else "rejected")
+
+
+def test_a_second_sleep_is_refused_while_one_runs(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    paths, _ = record_day(home, tiny_model_dir)
+    with runner._lock(paths):  # as a running sleep holds it
+        result = somnus(home, tiny_model_dir, "sleep", "--now", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "somnus: a sleep is already running; wait for it to finish"
+
+
+@pytest.mark.slow
+def test_a_sleep_killed_mid_night_changes_nothing_and_the_next_one_succeeds(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    paths, config = record_day(home, tiny_model_dir)
+    before = ledger_state(paths, config)
+    config = config.with_overrides(model=str(tiny_model_dir), backend="torch")
+    handle = runner.start_sleep(paths, config, steps=400)
+    for event in handle.events():
+        if event.stage == "consolidate":
+            os.kill(handle.process.pid, signal.SIGKILL)  # kill -9 in the middle of training
+            break
+    handle.process.wait()
+    assert ledger_state(paths, config) == before
+    assert not runner.is_sleeping(paths)
+    report = runner.sleep_now(paths, config, steps=2)
+    assert report.status in ("promoted", "rejected")
+    with open_store(paths, config) as store:
+        first = store.sleep.run(1)
+    assert first["status"] == "failed" and first["error"] == "interrupted"
