@@ -125,6 +125,7 @@ class SleepScheduler:
         self._sleeping = False
         self._apscheduler: AsyncIOScheduler | None = None
         self._handle: Any = None
+        self._night: asyncio.Future | None = None
 
     @property
     def sleeping(self) -> bool:
@@ -163,7 +164,9 @@ class SleepScheduler:
         return earliest if waiting >= self.config.sleep_after_sessions else self.window.next_opening(earliest)
 
     async def check(self) -> SleepOutcome | None:
-        """The idle check: sleep if it is time (and no sleep runs already)."""
+        """The idle check: sleep to the end if it is time (and no sleep runs already)."""
+        if self._sleeping:
+            return None
         reason = self.due()
         return None if reason is None else await self.sleep(reason)
 
@@ -189,9 +192,18 @@ class SleepScheduler:
         if self._apscheduler is not None:
             return
         self._apscheduler = AsyncIOScheduler()
-        self._apscheduler.add_job(self.check, "interval", seconds=self.check_every, id="idle-check",
-                                  max_instances=1, coalesce=True)
+        self._apscheduler.add_job(self._tick, "interval", seconds=self.check_every, id="idle-check", coalesce=True)
         self._apscheduler.start()
+
+    async def _tick(self) -> None:
+        """The job returns at once and the night goes on as a task: a job that lasted the whole sleep
+        would have every later tick skipped (and logged as such) until morning."""
+        if not self._sleeping and self._night is None:
+            self._night = asyncio.ensure_future(self.check())
+            self._night.add_done_callback(self._night_over)
+
+    def _night_over(self, _task: asyncio.Future) -> None:
+        self._night = None
 
     def stop(self) -> None:
         """Stop the idle check, and the sleep process if one runs (a killed sleep changes nothing live)."""
