@@ -67,6 +67,14 @@ async def type_and_send(pilot, text: str) -> None:
     await asyncio.sleep(0)
 
 
+async def page_text(pilot, what: str) -> str:
+    """The Markdown of the page the app opened (it renders just after the page appears)."""
+    app = pilot.app
+    await until(pilot, lambda: isinstance(app.screen, PageScreen) and app.screen.query_one("Markdown").source,
+                what=what)
+    return app.screen.query_one("Markdown").source
+
+
 def turns(app: SomnusApp) -> list[tuple[str, str]]:
     return [("user", str(widget.render())) if isinstance(widget, UserTurn) else ("assistant", widget.source)
             for widget in app.query_one(ChatView).query("UserTurn, AssistantTurn")]
@@ -155,8 +163,7 @@ async def test_slash_commands_complete_show_help_and_refuse_unknown_ones(app_hom
         await pilot.press("tab")
         assert prompt.value == "/help " and app.focused is prompt
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, PageScreen), what="the help page")
-        page = app.screen.query_one("Markdown").source
+        page = await page_text(pilot, "the help page")
         assert all(f"`/{name}" in page for name in ("sleep", "status", "new", "private", "model", "adapters",
                                                     "rollback", "export", "help"))
         await pilot.press("escape")
@@ -268,8 +275,7 @@ async def test_status_models_adapters_and_export_pages(app_home, tiny_model_dir,
         for command, expected in (("/status", "sessions not slept on**: 1"), ("/model", "| ✓ |"),
                                   ("/adapters", "No adapter yet")):
             await type_and_send(pilot, command)
-            await until(pilot, lambda: isinstance(app.screen, PageScreen), what=command)
-            assert expected in app.screen.query_one("Markdown").source
+            assert expected in await page_text(pilot, command)
             await pilot.press("escape")
 
         target = tmp_path / "out" / "porto.md"
@@ -289,3 +295,117 @@ async def test_a_model_that_cannot_load_is_one_line_and_the_message_is_kept(somn
         await until(pilot, lambda: len(app.query(Notice)) == 2, what="the reply error")
         assert app.query_one("#prompt", Input).value == "Are you there?"
         assert stored() == ([], [])
+
+
+async def keypress_echo_seconds(pilot, key: str = "x") -> float:
+    """From a keypress reaching the app to the prompt showing it."""
+    prompt = pilot.app.query_one("#prompt", Input)
+    before = prompt.value
+    started = time.perf_counter()
+    pilot.app.simulate_key(key)
+    while prompt.value == before:
+        await asyncio.sleep(0.001)
+    return time.perf_counter() - started
+
+
+@pytest.mark.slow
+async def test_sleep_runs_beside_the_chat_with_progress_and_a_report(app_home):
+    (session_id,) = recorded(["My sister is called Zara. I live in Porto.", "Noted.",
+                              "Where do I live? And what is my sister's name?", "You live in Porto."])
+    app = make_app()
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        status = app.query_one("#status")
+        await until(pilot, lambda: app.engine.ready, what="the model")
+        await type_and_send(pilot, "/sleep")
+        await until(pilot, lambda: status.has_class("-sleeping"), what="the sleep to start")
+        stages = set()
+        await until(pilot, lambda: stages.add(status.sleeping_stage) or "consolidate" in status.sleeping_stage,
+                    what="the consolidation stage")
+        assert app.query_one("#sleep-progress").display
+
+        latencies = [await keypress_echo_seconds(pilot) for _ in range(20)]
+        print(f"keypress echo while sleeping: median {sorted(latencies)[10] * 1000:.1f} ms, "
+              f"max {max(latencies) * 1000:.1f} ms")
+        assert max(latencies) < 0.1
+        app.query_one("#prompt", Input).value = ""
+
+        await type_and_send(pilot, "Are you awake?")  # the chat answers while the model sleeps
+        await until(pilot, lambda: len(stored()[0]) == 2 and not app.replying, what="a reply during the sleep")
+        assert status.has_class("-sleeping")
+
+        await type_and_send(pilot, "/sleep")
+        await until(pilot, lambda: "Already sleeping" in toasts(app), timeout=5, what="the refusal")
+
+        await until(pilot, lambda: not status.has_class("-sleeping"), timeout=600, what="the sleep to end")
+        assert any(stage.startswith("sleeping · select") for stage in stages)
+        with Store(open_paths().database) as store:
+            run = store.sleep.last_run()
+        assert run["status"] == "complete" and run["report"]["sessions"] == [session_id]
+        assert f"sleep {run['report']['status']}" in toasts(app) and "/report to read it" in toasts(app)
+        assert f"last sleep " in str(app.query_one("#status-text", Label).render())
+
+        await type_and_send(pilot, "/report")
+        report = await page_text(pilot, "the report")
+        assert "- **why**: you asked with /sleep" in report
+        assert f"## Sessions slept on (1)\n\n- {session_id}: My sister is called Zara. I live in Porto." in report
+        assert "recall before" in report or run["report"]["status"] == "nothing"
+
+
+def train_and_promote_a_block(model_dir, reply: str) -> int:
+    """What a night that goes well leaves behind: a trained block, its manifest, a promoted version."""
+    from assistant.sleep import blocks
+    from backends import ops
+    from backends.select import open_trainer
+
+    def cross_entropy(logits, targets, mask):
+        logprobs = ops.TORCH_OPS.take_along_last_axis(ops.TORCH_OPS.log_softmax(logits), targets)
+        return -ops.TORCH_OPS.sum(logprobs * mask) / ops.TORCH_OPS.sum(mask)
+
+    paths = open_paths()
+    trainer = open_trainer("torch", model_dir, lr=0.05)
+    try:
+        prompt = trainer.render_chat([{"role": "user", "content": "Hello there"}])
+        for _ in range(10):
+            trainer.train_step([trainer.encode(prompt)], [trainer.encode(reply + "<|im_end|>")], cross_entropy)
+        block = blocks.Block("night0001-test", blocks.block_dir(paths.home, "night0001-test"), (1,), None)
+        trainer.save_new_block(block.path)
+    finally:
+        trainer.close()
+    stack = blocks.empty_stack().grown(block, 1)
+    manifest = blocks.save_stack(paths.home, blocks.Stack(1, stack.blocks, None, {"model": str(model_dir)}))
+    with Store(paths.database) as store:
+        adapter = store.sleep.add_adapter(1, str(manifest))
+        store.sleep.promote(adapter, {1: store.messages(1)[-1]["id"]})
+    return adapter
+
+
+@pytest.mark.slow
+async def test_a_promoted_adapter_is_worn_by_the_next_reply_and_rollback_takes_it_off(app_home, tiny_model_dir):
+    app = make_app()
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        status = app.query_one("#status-text", Label)
+
+        async def answer(text: str) -> str:
+            await type_and_send(pilot, "/new")
+            await pilot.pause()
+            await type_and_send(pilot, text)
+            await until(pilot, lambda: app.query(AssistantTurn) and not app.replying, what="the reply")
+            return app.query_one(AssistantTurn).source
+
+        bare = await answer("Hello there")
+        train_and_promote_a_block(tiny_model_dir, "Porto is lovely in May.")  # e.g. the daemon's night
+        app.refresh_status()  # the app's periodic refresh notices the new live version
+        await until(pilot, lambda: "adapter v1" in str(status.render()) and app.engine.ready, what="the reload")
+        worn = await answer("Hello there")
+        assert worn != bare  # the same prompt, greedy: only the adapter differs
+
+        await type_and_send(pilot, "/adapters")
+        assert "| v1 | live |" in await page_text(pilot, "the adapters page")
+        await pilot.press("escape")
+
+        await type_and_send(pilot, "/rollback")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
+        await pilot.click("#confirm")
+        await until(pilot, lambda: "adapter none" in str(status.render()) and app.engine.ready
+                    and app.engine.adapter_version is None, what="the rollback")
+        assert await answer("Hello there") == bare

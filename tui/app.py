@@ -373,7 +373,7 @@ class SomnusApp(App[None]):
             return
         live = self.store.sleep.rollback()
         self.notify(f"Live adapter: v{live['version']}" if live else "Live: the bare model, no adapter")
-        self.reload_engine()
+        self.refresh_status()
 
     async def slash_export(self, argument: str) -> None:
         session_id = self.conversation.session_id
@@ -438,8 +438,6 @@ class SomnusApp(App[None]):
         failed = outcome.error is not None or outcome.report.status == "failed"
         self.notify(describe_outcome(outcome) + ("" if outcome.report is None else "  (/report to read it)"),
                     severity="error" if failed else "information", timeout=10)
-        if outcome.report is not None and outcome.report.status == "promoted":
-            self.reload_engine()
         self.refresh_status()
 
     def _status_facts(self) -> dict[str, object]:
@@ -458,6 +456,10 @@ class SomnusApp(App[None]):
         }
 
     def refresh_status(self) -> None:
+        """Show the current state; a changed live adapter (a promotion, a rollback, here or in the
+        daemon) re-opens the engine, so the next reply wears what the model now knows."""
+        if self.engine.outdated():
+            self.reload_engine()
         facts = self._status_facts()
         self.query_one(StatusBar).show(StatusLine(str(facts["model"]), str(facts["engine"]), str(facts["adapter"]),
                                                   str(facts["last sleep"]), str(facts["next sleep"])))

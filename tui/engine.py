@@ -34,6 +34,7 @@ class ChatEngine:
         self.backend: Any = None
         self.model: Any = None
         self.problem: str | None = None
+        self.adapter_version: int | None = None  # the live adapter when the model was opened
         self._loaded = threading.Event()
         self._lock = threading.Lock()
 
@@ -44,6 +45,13 @@ class ChatEngine:
     @property
     def loading(self) -> bool:
         return not self._loaded.is_set()
+
+    def outdated(self) -> bool:
+        """A sleep (here or in another process) promoted an adapter, or a rollback retired one, since loading."""
+        if not self.ready:
+            return False
+        live = self.store.sleep.live_adapter()
+        return (live["version"] if live else None) != self.adapter_version
 
     def load(self) -> None:
         """Open the configured model (blocking: call it from a worker thread)."""
@@ -76,6 +84,8 @@ class ChatEngine:
         from assistant.models import open_chat_backend
 
         self.problem = None
+        live = self.store.sleep.live_adapter()  # read first: a promotion landing meanwhile shows as a change
+        self.adapter_version = live["version"] if live else None
         try:
             self.backend, self.model = open_chat_backend(self.config, self.paths, self.store)
         except Exception as error:  # engines raise their own error types; the app shows the line
