@@ -1,0 +1,492 @@
+"""``somnus bench sleep``: does sleep move what the user said into the weights? One table, one JSON.
+
+A seeded multi-night scenario on the configured model, in a throw-away data folder with a real store:
+each night's sessions are recorded, then the real ``sleep_cycle`` runs (gate included: recall is
+that of the adapter the user would chat with). Every probe is asked WITHOUT context on a held-out
+phrasing the user never used (the world's ``heldout_questions``; for bAbI "Where is X?", which the
+told story never asks) and judged against its gold value by ``evaluate.answered``.
+
+Methods, each from the bare model, on night 1's sessions:
+``in_context`` (upper bound: the probe asked after its session), ``floor`` (no context, no sleep),
+``sleep`` (the full cycle), ``finetune`` (next-token loss on the raw transcripts, same LoRA spec and
+learning rate, for the wall-clock time the sleep took) and ``distill_only`` (the cycle without its
+LTI term). ``cr`` = (recall - floor) / (in_context - floor), None when in_context == floor. More
+cycle variants (issue 6's ablations) are one entry in ``CYCLE_VARIANTS``.
+
+Each method runs in its own child process, forked from a server that has imported the libraries
+and loaded no model, so ``peak_rss_mb`` is that method's peak resident memory (Python and torch
+included); for ``sleep``, measured after night 1.
+
+The ``sleep`` method goes on night after night. Per data set: ``retention`` = recall after the last
+night of night 1's probes whose topic no later night told again, over the same probes' recall after
+night 1 (None when that was 0 or no such probe is left; bAbI reuses its four names, so it rarely
+has any); ``latest_recall`` = recall of every topic's latest value after the last night (a newer
+fact must win); ``in_context_drop`` = in-context accuracy on fresh generated sessions before the
+first night minus after the last, in points; ``seconds_per_night`` = the median night.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from assistant.config import Config, SomnusError, open_paths
+from assistant.nano import evaluate
+from assistant.nano.world import ACKS, World
+from assistant.sleep.cycle import SleepSettings
+from backends.base import BackendError
+
+Say = Callable[[str], None]
+CYCLE_VARIANTS: dict[str, Callable[[SleepSettings], SleepSettings]] = {
+    "sleep": lambda settings: settings,
+    "distill_only": lambda settings: replace(settings, seeding=replace(settings.seeding, lti_every=0)),
+}
+METHODS = ("in_context", "floor", "sleep", "finetune", "distill_only")
+EVAL_BATCH = 32
+_MOVE = re.compile(r"^(?P<who>\w+) .*\bto the (?P<where>\w+)\.?$")
+
+
+class BenchError(SomnusError):
+    """A method's process failed."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    seed: int = 1234
+    nights: int = 5  # generated data set
+    babi_nights: int = 10
+    sessions: int = 10  # generated sessions per night
+    facts: int = 3  # facts told per generated session
+    steps: int = SleepSettings().seeding.steps  # sleep steps per night
+    in_context_sessions: int = 40  # fresh generated sessions for the in-context drop
+
+    def sleep_settings(self) -> SleepSettings:
+        base = SleepSettings(seed=self.seed)
+        return replace(base, seeding=replace(base.seeding, steps=self.steps))
+
+
+@dataclass(frozen=True)
+class Question:
+    """A held-out probe: its text, the gold value, the topic a later statement overwrites, and the
+    index of the night's session that told it (its context for the in-context reading)."""
+
+    text: str
+    value: str
+    slot: str
+    session: int
+
+
+@dataclass(frozen=True)
+class Night:
+    sessions: list[list[dict]]
+    questions: list[Question] = field(default_factory=list)
+
+
+# -- the two data sets -------------------------------------------------------------------------
+
+
+def generated_nights(seed: int, nights: int, sessions: int, facts: int) -> list[Night]:
+    """Held-out personal facts told in sessions; no topic is told twice in one night, so each
+    probe's session holds its answer; later nights may tell a topic again (a newer value)."""
+    world = World(seed, heldout=True)
+    result = []
+    for _ in range(nights):
+        told: set[str] = set()
+        chats, questions = [], []
+        for index in range(sessions):
+            chosen = []
+            for _ in range(100 * facts):
+                if len(chosen) == facts:
+                    break
+                fact = world.fact()
+                if fact.slot not in told:
+                    told.add(fact.slot)
+                    chosen.append(fact)
+            chats.append(_telling(world.rng, [fact.statement for fact in chosen]))
+            questions += [Question(world.rng.choice(f.heldout_questions), f.value, f.slot, index) for f in chosen]
+        result.append(Night(chats, questions))
+    return result
+
+
+def _telling(rng: random.Random, statements: Sequence[str]) -> list[dict]:
+    """A session that only tells: all in one message, or one statement a turn, each acknowledged."""
+    turns = [" ".join(statements)] if rng.random() < 0.5 else list(statements)
+    chat = []
+    for turn in turns:
+        chat += [{"role": "user", "content": turn}, {"role": "assistant", "content": rng.choice(ACKS)}]
+    return chat
+
+
+def babi_nights(path: Path, nights: int, seed: int) -> list[Night]:
+    """Consecutive qa1 stories from a seeded start, one a night, told without their questions.
+
+    Each turn holds the lines bAbI puts between two questions. The probes are "Where is X?" for
+    everyone the story moves, gold = X's last location in it; the names recur from night to night,
+    so a night's story overwrites where the earlier ones left them.
+    """
+    stories = [story for story in evaluate.read_babi(path) if story]
+    if not stories:
+        raise SomnusError(f"{path}: no bAbI story in it")
+    start = random.Random(seed).randrange(len(stories))
+    result = []
+    for night in range(nights):
+        chat, where = [], {}
+        for item in stories[(start + night) % len(stories)]:
+            if item.lines:
+                chat += [{"role": "user", "content": "\n".join(item.lines)}, {"role": "assistant", "content": ACKS[1]}]
+            for line in item.lines:
+                if move := _MOVE.match(line):
+                    where[move["who"]] = move["where"]
+        result.append(Night([chat], [Question(f"Where is {who}?", room, f"{who}.location", 0)
+                                     for who, room in where.items()]))
+    return result
+
+
+# -- measures (pure) ---------------------------------------------------------------------------
+
+
+def share(hits: Sequence[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def consolidation_ratio(recall: float | None, floor: float | None, in_context: float | None) -> float | None:
+    """(recall - floor) / (in_context - floor): 1 when sleep recalls as well as reading does."""
+    if recall is None or floor is None or in_context is None or in_context == floor:
+        return None
+    return (recall - floor) / (in_context - floor)
+
+
+def unsuperseded(nights: Sequence[Night]) -> list[int]:
+    """Indexes of night 1's questions whose topic no later night tells again."""
+    later = {q.slot for night in nights[1:] for q in night.questions}
+    return [i for i, q in enumerate(nights[0].questions) if q.slot not in later]
+
+
+def latest_questions(nights: Sequence[Night]) -> list[Question]:
+    """Each topic's question from the last night that told it."""
+    latest: dict[str, Question] = {}
+    for night in nights:
+        latest.update({q.slot: q for q in night.questions})
+    return list(latest.values())
+
+
+def retention(after_first: Sequence[bool], after_last: Sequence[bool], kept: Sequence[int]) -> float | None:
+    first = share([after_first[i] for i in kept])
+    last = share([after_last[i] for i in kept])
+    return None if not first else last / first
+
+
+# -- the methods, each run in its own process --------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def _ask(trainer, chats: Sequence[list[dict]], values: Sequence[str], *, new_block: bool = False) -> list[bool]:
+    """Greedy answers to ``chats`` (batched), each judged by whether it states its gold value."""
+    from assistant.sleep.gate import GREEDY
+
+    prompts = [trainer.render_chat(chat) for chat in chats]
+    answers: list[str] = []
+    for start in range(0, len(prompts), EVAL_BATCH):
+        answers += trainer.generate(prompts[start : start + EVAL_BATCH], GREEDY, new_block=new_block)
+    return [evaluate.answered(answer, value) for answer, value in zip(answers, values)]
+
+
+def probe(trainer, questions: Sequence[Question], *, new_block: bool = False) -> list[bool]:
+    """The questions alone, in a fresh chat: what the weights know."""
+    return _ask(trainer, [[{"role": "user", "content": q.text}] for q in questions], [q.value for q in questions],
+                new_block=new_block)
+
+
+def fresh_in_context(trainer, sessions: int, seed: int) -> float | None:
+    """In-context accuracy on fresh generated held-out sessions, each probe after its context
+    (those whose context leaves no room for an answer are left out, as the gate does)."""
+    from assistant.sleep.gate import fits
+
+    chats, values = [], []
+    for session in evaluate.heldout_sessions(seed, sessions):
+        for item in session.probes:
+            if fits(trainer, trainer.render_chat(session.chat()[: item.at])):
+                chats.append(session.chat()[: item.at])
+                values.append(item.value)
+    return share(_ask(trainer, chats, values))
+
+
+def _open(config: Config, adapters=(), settings: SleepSettings = SleepSettings()):
+    """The training engine's trainer (also the fastest batched reader) wearing ``adapters``."""
+    from backends.select import choose_engines, open_trainer
+
+    engine = choose_engines(config.backend)[1]
+    return closing(open_trainer(engine, Path(config.model), blocks=adapters, spec=settings.spec, lr=settings.lr,
+                                seed=settings.seed))
+
+
+def reading(config: Config, night: Night, *, in_context: bool, say: Say) -> dict:
+    """The bare model on night 1's probes, each after its session (in_context) or alone (floor)."""
+    started = time.perf_counter()
+    say("reading with the session in context" if in_context else "the bare model without context")
+    with _open(config) as trainer:
+        if in_context:
+            hits = _ask(trainer, [night.sessions[q.session] + [{"role": "user", "content": q.text}]
+                                  for q in night.questions], [q.value for q in night.questions])
+        else:
+            hits = probe(trainer, night.questions)
+    return {"recall": share(hits), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def bare_in_context(config: Config, fresh: tuple[int, int], say: Say) -> dict:
+    """The bare model reading ``fresh`` = (sessions, seed) generated sessions: the drop's "before"."""
+    say("reading fresh sessions before any sleep")
+    with _open(config) as trainer:
+        return {"in_context": fresh_in_context(trainer, *fresh)}
+
+
+def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, fresh: tuple[int, int] | None,
+             say: Say) -> dict:
+    """Record and sleep night after night in a temporary data folder, asking the live adapter.
+
+    After the last night it also answers night 1's probes and every topic's latest value, and
+    reads the ``fresh`` sessions as ``bare_in_context`` did (when given).
+    """
+    from assistant.sleep import blocks
+    from assistant.sleep.cycle import sleep_cycle
+    from assistant.store import open_store
+
+    result: dict = {"per_night": [], "in_context_after": None}
+    with tempfile.TemporaryDirectory(prefix="somnus-bench-") as folder:
+        paths = open_paths(Path(folder) / "home")
+        with open_store(paths, config) as store:
+            for number, night in enumerate(nights, 1):
+                def progress(stage: str, _: float, message: str, number=number) -> None:
+                    say(f"night {number}/{len(nights)}: {stage}, {message}")
+
+                _record(store, night, config.model)
+                started = time.perf_counter()
+                report = sleep_cycle(paths, config, store, settings=settings, progress=progress)
+                record = {"night": number, "status": report.status, "reason": report.reason,
+                          "seconds": round(time.perf_counter() - started, 1)}
+                if report.status == "rejected":  # what the night's adapter knew, though the gate kept it out
+                    stack = blocks.load_stack(blocks.manifest_path(paths.home, report.adapter))
+                    with _open(config, stack.adapters(), settings) as trainer:
+                        record["candidate_recall"] = share(probe(trainer, night.questions))
+                with _open(config, blocks.live_stack(store).adapters(), settings) as trainer:
+                    hits = probe(trainer, night.questions)
+                    record.update(recall=share(hits), peak_rss_mb=peak_rss_mb())
+                    result.setdefault("night1_after_first", hits)
+                    if number == len(nights):
+                        result["night1_after_last"] = probe(trainer, nights[0].questions)
+                        result["latest_recall"] = share(probe(trainer, latest_questions(nights)))
+                        result["in_context_after"] = fresh_in_context(trainer, *fresh) if fresh else None
+                result["per_night"].append(record)
+    return result
+
+
+def _record(store, night: Night, model: str) -> None:
+    for chat in night.sessions:
+        session = store.create_session(model=model)
+        for message in chat:
+            store.add_message(session, message["role"], message["content"])
+
+
+def finetuning(config: Config, night: Night, budget: float, settings: SleepSettings, say: Say) -> dict:
+    """Next-token loss on night 1's raw transcripts, the sleep's LoRA spec, for ``budget`` seconds
+    counted, like the sleep's, from before the model loads."""
+    from assistant.sleep import losses
+
+    started = time.perf_counter()
+    with _open(config, (), settings) as trainer:
+        ops = trainer.ops
+        rows = []
+        for chat in night.sessions:
+            ids = trainer.encode(trainer.render_chat(chat, add_generation_prompt=False))
+            rows += [ids[i : i + trainer.context_length] for i in range(0, len(ids), trainer.context_length)]
+        rows = [row for row in rows if len(row) > 1]
+
+        def next_token_loss(logits, targets, mask):
+            logprobs = losses.completion_logprobs(ops, logits, targets)
+            return -ops.sum(logprobs * mask) / ops.clip(ops.sum(mask), low=1.0)
+
+        rng, steps = random.Random(settings.seed), 0
+        while steps == 0 or time.perf_counter() - started < budget:
+            batch = rng.sample(rows, min(settings.seeding.batch_size, len(rows)))
+            trainer.train_step([row[:1] for row in batch], [row[1:] for row in batch], next_token_loss)
+            steps += 1
+            say(f"fine-tune step {steps} ({time.perf_counter() - started:.0f} of {budget:.0f} s)")
+        seconds = time.perf_counter() - started
+        hits = probe(trainer, night.questions, new_block=True)
+    return {"recall": share(hits), "seconds": round(seconds, 1), "steps": steps}
+
+
+def _child(sender, function, args, kwargs) -> None:
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # the parent shows one status line: loading bars and library
+        warnings.simplefilter("ignore", FutureWarning)  # deprecation notes would break it
+        result = function(*args, **kwargs, say=lambda message: sender.send(("progress", message)))
+        sender.send(("result", {**result, "peak_rss_mb": result.get("peak_rss_mb", peak_rss_mb())}))
+    except BaseException as error:  # the parent re-raises it: a child must never die silently
+        expected = error if isinstance(error, (SomnusError, BackendError)) else None
+        sender.send(("error", (expected, traceback.format_exc())))
+
+
+def isolated(function: Callable[..., dict], *args, say: Say, **kwargs) -> dict:
+    """``function(*args, **kwargs, say=...)`` in a fresh child process, its peak RSS added to the result.
+
+    The child forks from a server that has imported the libraries and loaded no model, so each
+    method starts from the same memory and costs no import time.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peft", __name__])
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, function, args, kwargs), daemon=True)
+    process.start()
+    sender.close()
+    result = None
+    try:
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                break
+            if kind == "progress":
+                say(payload)
+            elif kind == "result":
+                result = payload
+            else:
+                error, trace = payload
+                raise error or BenchError(f"{function.__name__} failed in its process:\n{trace}")
+    finally:
+        process.join()
+    if result is None:
+        raise BenchError(f"{function.__name__}: its process exited with status {process.exitcode}")
+    return result
+
+
+# -- one data set, the whole run ---------------------------------------------------------------
+
+
+def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: Say) -> dict:
+    """Every method on night 1, and the sleep continued over all ``nights``."""
+    settings = bench.sleep_settings()
+    methods = {
+        "in_context": isolated(reading, config, nights[0], in_context=True, say=say),
+        "floor": isolated(reading, config, nights[0], in_context=False, say=say),
+    }
+    fresh = (bench.in_context_sessions, bench.seed + 1)
+    before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
+    slept = isolated(sleeping, config, nights, settings, fresh, say=say)
+    first = slept["per_night"][0]
+    methods["sleep"] = {"recall": first["recall"], "seconds": first["seconds"], "peak_rss_mb": first["peak_rss_mb"],
+                        "status": first["status"]}
+    methods["finetune"] = isolated(finetuning, config, nights[0], first["seconds"], settings, say=say)
+    for name, variant in CYCLE_VARIANTS.items():
+        if name != "sleep":
+            night = isolated(sleeping, config, nights[:1], variant(settings), None, say=say)["per_night"][0]
+            methods[name] = {key: night[key] for key in ("recall", "seconds", "peak_rss_mb", "status")}
+    floor, ceiling = methods["floor"]["recall"], methods["in_context"]["recall"]
+    for method in methods.values():
+        method["cr"] = consolidation_ratio(method["recall"], floor, ceiling)
+        method["probes"] = len(nights[0].questions)
+    after = slept["in_context_after"]
+    return {
+        "methods": methods,
+        "retention": retention(slept["night1_after_first"], slept["night1_after_last"], unsuperseded(nights)),
+        "in_context_drop": None if before is None or after is None else round(100 * (before - after), 2),
+        "in_context_before": before,
+        "in_context_after": after,
+        "latest_recall": slept["latest_recall"],
+        "nights": len(nights),
+        "seconds_per_night": round(statistics.median(n["seconds"] for n in slept["per_night"]), 1),
+        "per_night": slept["per_night"],
+        "skipped": None,
+    }
+
+
+def skipped(reason: str) -> dict:
+    return {"methods": {}, "retention": None, "in_context_drop": None, "latest_recall": None, "nights": 0,
+            "seconds_per_night": None, "per_night": [], "skipped": reason}
+
+
+def run(
+    config: Config,
+    bench: BenchSettings = BenchSettings(),
+    *,
+    babi_dir: Path | None = None,
+    json_path: Path | None = None,
+    console: Console | None = None,
+) -> dict:
+    """The whole benchmark on ``config.model`` (a Hugging Face model folder) and its training engine."""
+    console = console or Console(stderr=True)
+    started = time.time()
+    babi_file = evaluate.find_babi(babi_dir)
+    result: dict = {"model": config.model, "seed": bench.seed, "settings": asdict(bench),
+                    "babi_file": str(babi_file) if babi_file else None}
+    with console.status("sleep benchmark") as status:
+        def say(name: str) -> Say:
+            return lambda message: status.update(f"{name}: {message}")
+
+        nights = generated_nights(bench.seed, bench.nights, bench.sessions, bench.facts)
+        result["generated"] = measure(config, nights, bench, say("generated"))
+        if babi_file:
+            result["babi"] = measure(config, babi_nights(babi_file, bench.babi_nights, bench.seed), bench, say("bAbI"))
+        else:
+            where = babi_dir or "../shared/data/babi"
+            result["babi"] = skipped(f"no bAbI file {evaluate.BABI_FILE} in {where} (use --babi DIR)")
+    result["seconds"] = round(time.time() - started, 1)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(results_table(result))
+    return result
+
+
+def results_table(result: dict) -> Table:
+    """Methods (recall, CR, seconds, peak RSS) then the night-after-night measures, per data set."""
+    table = Table(title=f"Somnus sleep benchmark ({Path(result['model']).name}, seed {result['seed']})")
+    for column in ("data set", "method / measure", "recall", "CR", "seconds", "peak RSS MB"):
+        table.add_column(column, justify="left" if column in ("data set", "method / measure") else "right")
+    skipped = []
+    for name in ("generated", "babi"):
+        data = result[name]
+        if data["skipped"]:
+            skipped.append(f"{name}: {data['skipped']}")
+            continue
+        for method, row in data["methods"].items():
+            note = f" ({row['status']})" if "status" in row else ""
+            table.add_row(name, method + note, _percent(row["recall"]), _number(row["cr"]),
+                          f"{row['seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
+        nights, drop = data["nights"], data["in_context_drop"]
+        table.add_row(name, f"retention of night 1 after {nights} nights", _percent(data["retention"]))
+        table.add_row(name, f"latest values after {nights} nights", _percent(data["latest_recall"]))
+        table.add_row(name, "in-context drop, points", "n/a" if drop is None else f"{drop:.1f}")
+        table.add_row(name, "median night", "", "", f"{data['seconds_per_night']:.1f}", end_section=True)
+    table.caption = "; ".join(skipped + [f"total {result['seconds']:.0f} s"])
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
