@@ -409,6 +409,31 @@ def bench_model(
         backend.close()
 
 
+@bench_app.command("sleep")
+def bench_sleep(
+    ctx: typer.Context,
+    json_path: JsonPathOption = None,
+    babi: Annotated[Optional[Path], typer.Option("--babi", help="Folder with the bAbI qa1 test file.")] = None,
+    nights: Annotated[int, typer.Option(min=1, help="Nights of generated sessions to sleep on.")] = 5,
+    babi_nights: Annotated[int, typer.Option(min=1, help="Nights of bAbI stories (one story a night).")] = 10,
+    sessions: Annotated[int, typer.Option(min=1, help="Generated sessions per night.")] = 10,
+    facts: Annotated[int, typer.Option(min=1, help="Facts told per generated session.")] = 3,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Sleep steps per night (default: the sleep's own).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the scenario.")] = 1234,
+) -> None:
+    """Does sleep work? Recall without context after sleep, against reading, fine-tuning and more, night after night."""
+    from assistant.bench import sleep as sleep_bench
+    from assistant.models import resolve_model
+
+    ws = workspace(ctx)
+    model = resolve_model(ws.config.model, ws.paths)
+    if model.kind == "gguf":
+        raise SomnusError("somnus bench sleep trains, so it needs a Hugging Face model folder, not a GGUF file")
+    bench = sleep_bench.BenchSettings(seed=seed, nights=nights, babi_nights=babi_nights, sessions=sessions,
+                                      facts=facts, steps=steps or sleep_bench.BenchSettings.steps)
+    sleep_bench.run(ws.config.with_overrides(model=str(model.path)), bench, babi_dir=babi, json_path=json_path)
+
+
 @bench_app.command("engines")
 def bench_engines(ctx: typer.Context, json_path: JsonPathOption = None) -> None:
     """Tokens per second and first-token latency of torch and llama.cpp on the same model."""
