@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from assistant.store import Store
 
 CHECK_EVERY_SECONDS = 60.0
+SLEEP_LOG = "sleep.log"  # the sleep process's warnings, kept off the app's screen
 
 Clock = Callable[[], datetime]
 
@@ -248,7 +249,7 @@ class SleepScheduler:
     def _drive(self, loop: asyncio.AbstractEventLoop) -> Any:
         from assistant.sleep.runner import start_sleep
 
-        handle = self._handle = start_sleep(self.paths, self.config)
+        handle = self._handle = start_sleep(self.paths, self.config, log=self.paths.home / SLEEP_LOG)
         for event in handle.events():
             if self._on_event is not None:
                 _call_on_loop(loop, self._on_event, event)

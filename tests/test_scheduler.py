@@ -162,6 +162,7 @@ async def test_the_idle_check_starts_one_real_sleep_however_many_triggers_arrive
     assert outcome.error is None and outcome.report.status in ("nothing", "promoted", "rejected")
     assert runs["id"] == 1 and runs["status"] == "complete"
     assert events[0].stage == "select" and events[-1].stage == "done" and events[-1].progress == 1.0
+    assert stat.S_IMODE((paths.home / "sleep.log").stat().st_mode) == 0o600  # its warnings, off the screen
 
 
 def test_outcomes_read_as_one_line():

@@ -100,16 +100,25 @@ class SleepHandle:
         self.process.wait()
 
 
-def start_sleep(paths: Paths, config: Config, *, steps: int | None = None) -> SleepHandle:
-    """Start a sleep in its own process (refused at once if one runs already)."""
+def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: Path | None = None) -> SleepHandle:
+    """Start a sleep in its own process (refused at once if one runs already).
+
+    ``log``: append the process's stderr (library warnings) to this file instead of the terminal,
+    where it would scribble over a full-screen app.
+    """
     if is_sleeping(paths):
         raise SleepBusy("a sleep is already running; wait for it to finish")
     command = [sys.executable, "-m", "assistant.sleep.runner", "--home", str(paths.home),
                "--model", config.model, "--backend", config.backend]
     if steps:
         command += ["--steps", str(steps)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stderr = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log is not None else None
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        if stderr is not None:
+            os.close(stderr)  # the child has its own copy
     return SleepHandle(process)
 
 
