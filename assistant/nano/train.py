@@ -1,9 +1,8 @@
 """Train Somnus nano from a seed: ``python -m assistant.nano.train --out DIR``.
 
 A plain loop in the spirit of nanoGPT: the world generator writes sessions, the tokenizer is trained
-on them, and a small Llama learns to answer from its context (loss on the assistant's turns, and a
-little on the user's, so that every token of a name gets a trained embedding). Deterministic for a
-given seed and step count on a given machine.
+on them, and a small Llama learns to answer from its context (loss on the assistant's turns only,
+as in supervised chat fine-tuning). Deterministic for a given seed and step count on a machine.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from assistant.nano import evaluate
 from assistant.nano import tokenizer as nano_tokenizer
 from assistant.nano.world import Session, World
 
-USER_WEIGHT = 0.1  # loss weight of non-assistant tokens: enough to train embeddings, not to distract
+USER_WEIGHT = 0.0  # what the user says is unpredictable by design: learning it only adds noise
 MAX_TOKENS = 512
 
 
@@ -98,13 +97,15 @@ def greedy_reply(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, max_new_
     return reply
 
 
-def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, log_every: int = 100) -> dict:
+def train(
+    out: Path, seed: int, steps: int, batch_size: int, lr: float, log_every: int = 100, corpus_sessions: int = 20000
+) -> dict:
     random.seed(seed)
     torch.manual_seed(seed)
     started = time.time()
     corpus_world = World(seed + 1)
     corpus = [
-        "\n".join(m["content"] for m in corpus_world.session().messages) for _ in range(20000)
+        "\n".join(m["content"] for m in corpus_world.session().messages) for _ in range(corpus_sessions)
     ]
     tok = nano_tokenizer.train_tokenizer(corpus, vocab_size=2048)
     model = LlamaForCausalLM(model_config(tok))
@@ -121,7 +122,7 @@ def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, log_ever
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))),
     )
-    eval_sessions = evaluate.heldout_sessions(seed + 999, 20)
+    eval_sessions = evaluate.heldout_sessions(seed + 999, 12)
     data = batches(World(seed), tok, batch_size)
     model.train()
     for step in range(1, steps + 1):
@@ -134,7 +135,7 @@ def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, log_ever
         schedule.step()
         if step % log_every == 0 or step == steps:
             line = f"step {step}/{steps} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f}s"
-            if step % (log_every * 5) == 0 or step == steps:
+            if step % (log_every * 4) == 0:
                 model.eval()
                 line += f" in-context {evaluate.in_context_accuracy(greedy_reply(model, tok), eval_sessions):.3f}"
                 model.train()

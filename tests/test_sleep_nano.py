@@ -1,0 +1,75 @@
+"""Sleep on the bundled model: it learns what the user said, not what the assistant got wrong,
+and the gate refuses an adapter that does harm."""
+
+from __future__ import annotations
+
+import pytest
+
+from assistant.config import load_config, open_paths
+from assistant.models import NANO_DIR, open_chat_backend
+from assistant.nano import evaluate
+from assistant.sleep import losses
+from assistant.sleep.cycle import SleepSettings, sleep_cycle
+from assistant.sleep.gate import GateSettings, Probe, judge
+from assistant.store import open_store
+from backends.base import Sampling
+from backends.select import open_trainer
+
+pytestmark = [
+    pytest.mark.skipif(not (NANO_DIR / "model.safetensors").is_file(), reason="nano model not built"),
+    pytest.mark.slow,
+]
+
+GREEDY = Sampling(max_tokens=40, temperature=0.0)
+
+
+def test_sleep_learns_the_users_words_not_the_assistants_mistake(tmp_path):
+    paths = open_paths(tmp_path / "home")
+    config = load_config(paths).with_overrides(model="nano", backend="torch")
+    with open_store(paths, config) as store:
+        session = store.create_session(model="nano")
+        for role, content in [
+            ("user", "My cousin is called Edgar. I live in Quito."),
+            ("assistant", "Noted."),
+            ("user", "What is my cousin's name?"),
+            ("assistant", "Your cousin is called Harry."),  # wrong: the user corrects it
+            ("user", "No, that's wrong. My cousin is called Edgar."),
+            ("assistant", "Sorry about that. Your cousin is called Edgar."),
+        ]:
+            store.add_message(session, role, content)
+        report = sleep_cycle(paths, config, store)
+        assert report.status == "promoted", report.reason
+        assert report.recall_after > report.recall_before
+        backend, _ = open_chat_backend(config, paths, store)
+    try:
+        answer = "".join(backend.stream(backend.render_chat([{"role": "user", "content": "Who is my cousin?"}]),
+                                        GREEDY))
+    finally:
+        backend.close()
+    assert evaluate.answered(answer, "Edgar") and not evaluate.answered(answer, "Harry")
+
+
+def test_the_gate_rejects_an_adapter_that_does_harm():
+    trainer = open_trainer("torch", NANO_DIR, lr=5e-2)
+    try:
+        context = [{"role": "user", "content": "My dog is called Pippin."}, {"role": "assistant", "content": "Noted."}]
+        question = "What is my dog's name?"
+        reference = trainer.generate([trainer.render_chat(context + [{"role": "user", "content": question}])],
+                                     GREEDY, new_block=False)[0]
+        probes = [Probe(question, reference.strip())]
+        prompts = [trainer.render_chat([{"role": "user", "content": text}])
+                   for text in ("Hello!", "Where is Mary?", question, "What can you do?")]
+        garbage = [trainer.encode("blue blue blue blue<|im_end|>")] * len(prompts)
+        ops = trainer.ops
+
+        def harm(logits, targets, mask):  # teach every prompt to babble
+            logprobs = losses.completion_logprobs(ops, logits, targets)
+            return -ops.sum(logprobs * mask) / ops.sum(mask)
+
+        for _ in range(30):
+            trainer.train_step([trainer.encode(p) for p in prompts], garbage, harm)
+        verdict = judge(trainer, probes, [], GateSettings(in_context_sessions=6))
+    finally:
+        trainer.close()
+    assert not verdict.promote
+    assert verdict.in_context_after < verdict.in_context_before
