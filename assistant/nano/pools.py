@@ -109,10 +109,9 @@ OBJECTS = """
 apple football milk book key umbrella lamp cup pen box ball hat bag phone wallet
 """.split()
 
-SYLLABLES = """
-ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re ri
-ro ru sa se si so su ta te ti to tu va ve vi vo za zo bran mil tor ven gar lin dor fel
-""".split()
+CONSONANTS = "bcdfghjklmnprstvwz"
+CLUSTERS = ("br", "ch", "dr", "fl", "gr", "kr", "pl", "sh", "st", "th", "tr", "nd", "rk", "lt")
+VOWELS = "aeiouy"
 
 
 def split(pool: list[str]) -> tuple[list[str], list[str]]:

@@ -64,6 +64,7 @@ class Session:
     messages: list[dict] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
     kind: str = "facts"
+    answerable: set[str] = field(default_factory=set)  # every phrasing of a question it answers
 
     def say(self, role: str, content: str, train: bool = True) -> None:
         self.messages.append({"role": role, "content": content, "train": train})
@@ -94,17 +95,28 @@ class World:
 
     # -- values -------------------------------------------------------------------------------
 
+    def invented(self, pool: list[str], share: float = 0.35) -> str:
+        """A value from ``pool``; in training, often an invented word instead.
+
+        Invented words are random letter strings, so their tokens are arbitrary: a model can only
+        answer about them by copying from its context. That, not memorising a pool, is the skill
+        held-out evaluation (and later, sleep) depends on.
+        """
+        if self.heldout or self.rng.random() >= share:
+            return self.rng.choice(pool)
+        letters = []
+        for position in range(self.rng.randint(2, 4)):
+            onset = self.rng.choice(pools.CLUSTERS) if self.rng.random() < 0.25 else self.rng.choice(pools.CONSONANTS)
+            letters.append(onset + self.rng.choice(pools.VOWELS))
+        if self.rng.random() < 0.4:
+            letters.append(self.rng.choice(pools.CONSONANTS))
+        return "".join(letters)
+
     def name(self) -> str:
-        """A first name; in training, a third are invented words so copying, not recall, is learnt."""
-        if not self.heldout and self.rng.random() < 0.3:
-            syllables = self.rng.choices(pools.SYLLABLES, k=self.rng.randint(2, 3))
-            return "".join(syllables).capitalize()
-        return self.rng.choice(self.names)
+        return self.invented(self.names).capitalize()
 
     def pet_name(self) -> str:
-        if not self.heldout and self.rng.random() < 0.3:
-            return self.name()
-        return self.rng.choice(self.pet_names)
+        return self.invented(self.pet_names).capitalize()
 
     def date(self) -> str:
         return f"{self.rng.choice(pools.MONTHS)} {self.rng.randint(1, 28)}"
@@ -144,7 +156,7 @@ class World:
         )
 
     def _home(self, _subject: str | None) -> Fact:
-        v = self.rng.choice(self.cities)
+        v = self.invented(self.cities).capitalize()
         return self._make(
             "", "home", v,
             [f"I live in {v}.", f"My home is in {v}.", f"I moved to {v} last year.", f"These days I live in {v}."],
@@ -155,7 +167,7 @@ class World:
         )
 
     def _job(self, _subject: str | None) -> Fact:
-        v = self.rng.choice(self.jobs)
+        v = self.invented(self.jobs)
         return self._make(
             "", "job", v,
             [f"I work as {article(v)}.", f"I am {article(v)}.", f"I earn my living as {article(v)}.",
@@ -179,7 +191,7 @@ class World:
 
     def _favourite(self, thing: str | None) -> Fact:
         thing = thing or self.rng.choice(sorted(self.favourites))
-        v = self.rng.choice(self.favourites[thing])
+        v = self.invented(self.favourites[thing])
         return self._make(
             thing, f"favourite.{thing}", v,
             [f"My favourite {thing} is {v}.", f"{v.capitalize()} is my favourite {thing}.",
@@ -206,7 +218,7 @@ class World:
     def _person(self, subject: str | None) -> Fact:
         who, topic = subject.split("|") if subject else (self.name(), self.rng.choice(("home", "job")))
         if topic == "home":
-            v = self.rng.choice(self.cities)
+            v = self.invented(self.cities).capitalize()
             return self._make(
                 f"{who}|home", f"{who}.home", v,
                 [f"{who} lives in {v}.", f"My friend {who} lives in {v}.", f"{who}'s home is in {v}."],
@@ -215,7 +227,7 @@ class World:
                 f"{who} lives in {v}.",
                 len(pools.CITIES),
             )
-        v = self.rng.choice(self.jobs)
+        v = self.invented(self.jobs)
         return self._make(
             f"{who}|job", f"{who}.job", v,
             [f"{who} works as {article(v)}.", f"My friend {who} is {article(v)}.", f"{who}'s job is {v}."],
@@ -231,18 +243,27 @@ class World:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def facts_session(self, n_facts: int | None = None) -> Session:
-        """Personal facts told in one message or one per turn; questions now or in later turns."""
+    def telling_session(self, n_facts: int | None = None) -> Session:
+        """Only facts told (one message or one per turn), no questions yet: what the user says by day."""
         session = Session(kind="facts")
+        facts = self._facts(n_facts)
+        self._tell(session, facts)
+        return session
+
+    def _facts(self, n_facts: int | None) -> list[Fact]:
         facts: dict[str, Fact] = {}
         for _ in range(n_facts or self.rng.randint(1, 6)):
             fact = self.fact()
             if fact.slot not in facts and fact.value not in {f.value for f in facts.values()}:
                 facts[fact.slot] = fact
-        ordered = list(facts.values())
-        if self.rng.random() < 0.5 and len(ordered) > 1:
+        return list(facts.values())
+
+    def _tell(self, session: Session, facts: list[Fact], question_in_message: float = 0.0) -> None:
+        session.answerable |= {q for f in facts for q in f.questions + f.heldout_questions}
+        if self.rng.random() < 0.5 and len(facts) > 1:
+            ordered = facts
             text = self._join([f.statement for f in ordered])
-            if self.rng.random() < 0.3:
+            if self.rng.random() < question_in_message:
                 fact = self.rng.choice(ordered)
                 question = self._question(fact)
                 session.say("user", text + " " + question)
@@ -252,15 +273,21 @@ class World:
                 session.say("user", text)
                 session.say("assistant", self.rng.choice(ACKS))
         else:
-            for fact in ordered:
+            for fact in facts:
                 session.say("user", fact.statement)
                 session.say("assistant", self.rng.choice(ACKS))
+
+    def facts_session(self, n_facts: int | None = None) -> Session:
+        """Personal facts told in one message or one per turn; questions now or in later turns."""
+        session = Session(kind="facts")
+        ordered = self._facts(n_facts)
+        self._tell(session, ordered, question_in_message=0.3)
         if self.rng.random() < 0.2:
-            ordered = self._correct(session, facts, ordered)
+            ordered = self._correct(session, ordered)
         self._ask(session, ordered)
         return session
 
-    def _correct(self, session: Session, facts: dict[str, Fact], ordered: list[Fact]) -> list[Fact]:
+    def _correct(self, session: Session, ordered: list[Fact]) -> list[Fact]:
         """The user updates a fact, or corrects a wrong answer; the newest value is the truth."""
         old = self.rng.choice(ordered)
         new = self._same_slot(old)
@@ -273,7 +300,7 @@ class World:
         prefix = self.rng.choice(("Correction: ", "Update: ", "Things changed. ", "I need to correct that. "))
         session.say("user", prefix + new.statement)
         session.say("assistant", self.rng.choice(ACKS))
-        facts[old.slot] = new
+        session.answerable |= set(new.questions + new.heldout_questions)
         return [new if f.slot == old.slot else f for f in ordered]
 
     def _same_slot(self, fact: Fact) -> Fact:
@@ -284,7 +311,7 @@ class World:
 
     def _ask(self, session: Session, facts: list[Fact]) -> None:
         """Later turns: questions about the facts, and sometimes the two sleep skills."""
-        asked = self.rng.sample(facts, k=min(len(facts), self.rng.randint(1, 3)))
+        asked = self.rng.sample(facts, k=len(facts) if self.rng.random() < 0.5 else self.rng.randint(1, len(facts)))
         for fact in asked:
             question = self._question(fact)
             session.say("user", question)
@@ -300,7 +327,12 @@ class World:
             session.say("assistant", " ".join(f.answer for f in facts))
 
     def _question(self, fact: Fact) -> str:
-        return self.rng.choice(fact.heldout_questions if self.heldout else fact.questions)
+        """Evaluation asks in held-out phrasings; training asks in every phrasing, so the model can
+        read any of them in context, but it *writes* questions (the sleep's prompts) only in the
+        training phrasings: a probe in a held-out phrasing is one that sleep never trained on."""
+        if self.heldout:
+            return self.rng.choice(fact.heldout_questions)
+        return self.rng.choice(fact.questions + fact.heldout_questions)
 
     def _probe(self, session: Session, fact: Fact, question: str) -> None:
         session.probes.append(Probe(question, fact.value, fact.answer, fact.choices, len(session.messages) - 1))
@@ -317,7 +349,11 @@ class World:
         """People moving between rooms, told in chunks; "Where is X?" is answered by the latest move."""
         session = Session(kind="story")
         people = [self.name() for _ in range(self.rng.randint(2, 5))]
-        rooms = self.rng.sample(self.rooms, k=min(len(self.rooms), self.rng.randint(3, 6)))
+        rooms: list[str] = []
+        while len(rooms) < self.rng.randint(3, 6):
+            room = self.invented(self.rooms, 0.25)
+            if room not in rooms:
+                rooms.append(room)
         where: dict[str, str] = {}
         pending: list[str] = []
         for _ in range(self.rng.randint(4, 8)):
@@ -325,7 +361,7 @@ class World:
                 people_placed = [p for p in people if p in where]
                 if self.rng.random() < 0.1 and people_placed:
                     carrier = self.rng.choice(people_placed)
-                    thing = self.rng.choice(self.objects)
+                    thing = self.invented(self.objects, 0.25)
                     pending.append(f"{carrier} left the {thing} in the {where[carrier]}.")
                     where[f"the {thing}"] = where[carrier]
                     continue
@@ -333,7 +369,7 @@ class World:
                 to = self.rng.choice([r for r in rooms if r != where.get(who)])
                 pending.append(f"{who} {self.rng.choice(self.MOVES)} {to}.")
                 where[who] = to
-            if self.rng.random() < 0.6 or not pending:
+            if self.rng.random() < 0.75 or not pending:
                 subject = self.rng.choice(sorted(where))
                 question = f"Where is {subject}?"
                 answer = f"{subject[0].upper() + subject[1:]} is in the {where[subject]}."
@@ -346,6 +382,7 @@ class World:
             session.say("assistant", self.rng.choice(ACKS))
         roll = self.rng.random()
         people_there = [p for p in people if p in where]
+        session.answerable |= {f"Where is {p}?" for p in people_there}
         if roll < 0.15 and people_there:
             session.say("user", self.rng.choice(QUESTION_REQUESTS))
             session.say("assistant", "\n".join(f"{i}. Where is {p}?" for i, p in enumerate(people_there, 1)))
