@@ -55,9 +55,6 @@ class Stack:
     def grown(self, block: Block, version: int) -> Stack:
         return Stack(version, self.blocks + (block,), parent=self.version)
 
-    def sessions(self) -> set[int]:
-        return {s for block in self.blocks for s in block.sessions}
-
 
 def adapters_dir(home: Path) -> Path:
     return ensure_private_dir(home / "adapters")

@@ -26,6 +26,7 @@ from backends.base import BlockTrainer, LoraSpec, Sampling
 
 Progress = Callable[[str, float, str], None]  # (stage, fraction done, message)
 GREEDY = Sampling(max_tokens=48, temperature=0.0)
+QUESTION_LISTS = Sampling(max_tokens=96, temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -165,11 +166,11 @@ def _lessons(trainer, store, session_id, settings, rng) -> list[lessons.Lesson]:
     for window in lessons.windows(messages, lambda ctx: len(trainer.encode(trainer.render_chat(ctx))) <= budget):
         context = lessons.knowledge_context(window)
         request = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
-        samplings = [GREEDY] + [Sampling(max_tokens=96, temperature=1.0, seed=rng.randrange(2**31))
-                                for _ in range(settings.question_samples)]
-        written = [q for s in samplings for q in
-                   lessons.parse_questions(trainer.generate([request], replace(s, max_tokens=96), new_block=False)[0])]
-        questions = lessons.asked_questions(window) + written
+        written = trainer.generate([request], QUESTION_LISTS, new_block=False)
+        if settings.question_samples:
+            sampling = replace(QUESTION_LISTS, temperature=1.0, seed=rng.randrange(2**31))
+            written += trainer.generate([request] * settings.question_samples, sampling, new_block=False)
+        questions = lessons.asked_questions(window) + [q for text in written for q in lessons.parse_questions(text)]
         train, probe = lessons.split_prompts(questions, settings.probe_share, rng)
         result.append(lessons.Lesson(session_id, context, train, probe))
     return result

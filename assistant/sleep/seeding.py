@@ -87,9 +87,8 @@ def end_of_turn(trainer: BlockTrainer) -> str:
     return full[len(prompt) + 1 :].rstrip() if full.startswith(prompt) else ""
 
 
-def prepare(trainer: BlockTrainer, rows: Sequence[Row]) -> None:
+def prepare(trainer: BlockTrainer, rows: Sequence[Row], marker: str) -> None:
     """Tokenize every row once (answers end with the end-of-turn marker, so stopping is learnt)."""
-    marker = end_of_turn(trainer)
     for row in rows:
         row.teacher_ids = trainer.encode(row.teacher_prompt)
         row.student_ids = trainer.encode(row.student_prompt)
@@ -105,16 +104,17 @@ def consolidate(
 ) -> SeedingLog:
     """Train the new block for ``settings.steps`` steps; returns the curve for the report."""
     rng = random.Random(settings.seed)
-    prepare(trainer, rows)
+    marker = end_of_turn(trainer)
+    prepare(trainer, rows, marker)
     pools = {kind: [r for r in rows if r.kind == kind] for kind in ("new", "replay", "anchor")}
     if not pools["new"]:
         raise ValueError("nothing to consolidate: no prompts about tonight's sessions")
     log = SeedingLog()
     for step in range(settings.steps):
         batch = _batch(pools, settings, rng)
-        log.distill_losses.append(_distill_step(trainer, batch, settings, rng))
+        log.distill_losses.append(_distill_step(trainer, batch, settings, rng, marker))
         if settings.lti_every and (step + 1) % settings.lti_every == 0:
-            log.lti_rewards.append(_lti_step(trainer, rng.choice(pools["new"]), settings, rng, reward_fn))
+            log.lti_rewards.append(_lti_step(trainer, rng.choice(pools["new"]), settings, rng, marker, reward_fn))
         progress(step + 1, settings.steps)
     return log
 
@@ -129,7 +129,9 @@ def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.R
     return batch
 
 
-def _distill_step(trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random) -> float:
+def _distill_step(
+    trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str
+) -> float:
     """Generalized JSD on a mix of the student's samples and the teacher's answers."""
     on_policy = [row for row in batch if row.kind == "new" and rng.random() < settings.on_policy]
     completions = {id(row): row.answer_ids for row in batch}
@@ -137,7 +139,6 @@ def _distill_step(trainer: BlockTrainer, batch: Sequence[Row], settings: Seeding
         sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
                             seed=rng.randrange(2**31))
         texts = trainer.generate([r.student_prompt for r in on_policy], sampling, new_block=True)
-        marker = end_of_turn(trainer)
         for row, text in zip(on_policy, texts):
             completions[id(row)] = trainer.encode(text + marker)
     answers = [completions[id(row)] for row in batch]
@@ -155,6 +156,7 @@ def _lti_step(
     row: Row,
     settings: SeedingSettings,
     rng: random.Random,
+    marker: str,
     reward_fn: Callable[[str, str, float], float] | None,
 ) -> float:
     """Learning to imitate: complete a random prefix of the teacher's answer; reward the likeness."""
@@ -165,9 +167,8 @@ def _lti_step(
                         seed=rng.randrange(2**31))
     prompt = row.student_prompt + prefix_text
     samples = trainer.generate([prompt] * settings.lti_group, sampling, new_block=True)
-    marker = end_of_turn(trainer)
     completions = [trainer.encode(text + marker) for text in samples]
-    semantic = teacher_judgement(trainer, row, [prefix_text + s for s in samples])
+    semantic = teacher_judgement(trainer, row, [prefix_text + s for s in samples], marker)
     reward = reward_fn or (lambda candidate, reference, sem: rewards.imitation_reward(
         candidate, reference, gamma=settings.gamma, threshold=settings.threshold, semantic=sem))
     scored = [reward(prefix_text + sample, row.answer, sem) for sample, sem in zip(samples, semantic)]
@@ -184,12 +185,10 @@ def _lti_step(
     return sum(scored) / len(scored)
 
 
-def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str]) -> list[float]:
+def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str], marker: str) -> list[float]:
     """r_sem: the teacher's mean per-token probability of each candidate, given the session."""
-    marker = end_of_turn(trainer)
     completions = [trainer.encode(c + marker) for c in candidates]
-    logits, mask = trainer.completion_logits([trainer.encode(row.teacher_prompt)] * len(candidates), completions,
-                                             new_block=False)
+    logits, mask = trainer.completion_logits([row.teacher_ids] * len(candidates), completions, new_block=False)
     ops = trainer.ops
     logprobs = losses.completion_logprobs(ops, logits, _pad(completions))
     totals = ops.sum(logprobs * mask, axis=-1)
