@@ -104,7 +104,8 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
     fractions += [generated["latest_recall"]] + [n["recall"] for n in generated["per_night"]]
     assert all(0.0 <= f <= 1.0 for f in fractions)
     for method in generated["methods"].values():
-        assert method["seconds"] >= 0 and method["peak_rss_mb"] > 0 and method["probes"] == 4
+        assert method["seconds"] >= 0 and method["cpu_seconds"] >= 0 and method["peak_rss_mb"] > 0
+        assert method["probes"] == 4
     assert generated["retention"] is None or generated["retention"] >= 0
     assert -100 <= generated["in_context_drop"] <= 100
 

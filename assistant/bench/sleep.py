@@ -15,7 +15,8 @@ cycle variants (issue 6's ablations) are one entry in ``CYCLE_VARIANTS``.
 
 Each method runs in its own child process, forked from a server that has imported the libraries
 and loaded no model, so ``peak_rss_mb`` is that method's peak resident memory (Python and torch
-included); for ``sleep``, measured after night 1.
+included) and ``cpu_seconds`` its processor time (on a busy machine, a fairer cost than the
+wall-clock ``seconds``); for ``sleep``, both measured after night 1.
 
 The ``sleep`` method goes on night after night. Per data set: ``retention`` = recall after the last
 night of night 1's probes whose topic no later night told again, over the same probes' recall after
@@ -57,8 +58,8 @@ CYCLE_VARIANTS: dict[str, Callable[[SleepSettings], SleepSettings]] = {
     "sleep": lambda settings: settings,
     "distill_only": lambda settings: replace(settings, seeding=replace(settings.seeding, lti_every=0)),
 }
-METHODS = ("in_context", "floor", "sleep", "finetune", "distill_only")
 EVAL_BATCH = 32
+NIGHT_KEYS = ("recall", "seconds", "cpu_seconds", "peak_rss_mb", "status")  # a night's record, as a method's
 _MOVE = re.compile(r"^(?P<who>\w+) .*\bto the (?P<where>\w+)\.?$")
 
 
@@ -195,10 +196,11 @@ def retention(after_first: Sequence[bool], after_last: Sequence[bool], kept: Seq
 # -- the methods, each run in its own process --------------------------------------------------
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+def usage() -> dict:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS) and CPU time."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_mb": round(used.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10), 1),
+            "cpu_seconds": round(used.ru_utime + used.ru_stime, 1)}
 
 
 def _ask(trainer, chats: Sequence[list[dict]], values: Sequence[str], *, new_block: bool = False) -> list[bool]:
@@ -291,7 +293,7 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
                         record["candidate_recall"] = share(probe(trainer, night.questions))
                 with _open(config, blocks.live_stack(store).adapters(), settings) as trainer:
                     hits = probe(trainer, night.questions)
-                    record.update(recall=share(hits), peak_rss_mb=peak_rss_mb())
+                    record.update(recall=share(hits), **usage())
                     result.setdefault("night1_after_first", hits)
                     if number == len(nights):
                         result["night1_after_last"] = probe(trainer, nights[0].questions)
@@ -344,7 +346,7 @@ def _child(sender, function, args, kwargs) -> None:
         logging.disable_progress_bar()  # the parent shows one status line: loading bars and library
         warnings.simplefilter("ignore", FutureWarning)  # deprecation notes would break it
         result = function(*args, **kwargs, say=lambda message: sender.send(("progress", message)))
-        sender.send(("result", {**result, "peak_rss_mb": result.get("peak_rss_mb", peak_rss_mb())}))
+        sender.send(("result", {**usage(), **result}))
     except BaseException as error:  # the parent re-raises it: a child must never die silently
         expected = error if isinstance(error, (SomnusError, BackendError)) else None
         sender.send(("error", (expected, traceback.format_exc())))
@@ -397,13 +399,12 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
     slept = isolated(sleeping, config, nights, settings, fresh, say=say)
     first = slept["per_night"][0]
-    methods["sleep"] = {"recall": first["recall"], "seconds": first["seconds"], "peak_rss_mb": first["peak_rss_mb"],
-                        "status": first["status"]}
+    methods["sleep"] = {key: first[key] for key in NIGHT_KEYS}
     methods["finetune"] = isolated(finetuning, config, nights[0], first["seconds"], settings, say=say)
     for name, variant in CYCLE_VARIANTS.items():
         if name != "sleep":
             night = isolated(sleeping, config, nights[:1], variant(settings), None, say=say)["per_night"][0]
-            methods[name] = {key: night[key] for key in ("recall", "seconds", "peak_rss_mb", "status")}
+            methods[name] = {key: night[key] for key in NIGHT_KEYS}
     floor, ceiling = methods["floor"]["recall"], methods["in_context"]["recall"]
     for method in methods.values():
         method["cr"] = consolidation_ratio(method["recall"], floor, ceiling)
@@ -463,7 +464,7 @@ def run(
 def results_table(result: dict) -> Table:
     """Methods (recall, CR, seconds, peak RSS) then the night-after-night measures, per data set."""
     table = Table(title=f"Somnus sleep benchmark ({Path(result['model']).name}, seed {result['seed']})")
-    for column in ("data set", "method / measure", "recall", "CR", "seconds", "peak RSS MB"):
+    for column in ("data set", "method / measure", "recall", "CR", "seconds", "CPU s", "peak RSS MB"):
         table.add_column(column, justify="left" if column in ("data set", "method / measure") else "right")
     skipped = []
     for name in ("generated", "babi"):
@@ -474,7 +475,7 @@ def results_table(result: dict) -> Table:
         for method, row in data["methods"].items():
             note = f" ({row['status']})" if "status" in row else ""
             table.add_row(name, method + note, _percent(row["recall"]), _number(row["cr"]),
-                          f"{row['seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
+                          f"{row['seconds']:.1f}", f"{row['cpu_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
         nights, drop = data["nights"], data["in_context_drop"]
         table.add_row(name, f"retention of night 1 after {nights} nights", _percent(data["retention"]))
         table.add_row(name, f"latest values after {nights} nights", _percent(data["latest_recall"]))
