@@ -188,6 +188,7 @@ def latest_questions(nights: Sequence[Night]) -> list[Question]:
 
 
 def retention(after_first: Sequence[bool], after_last: Sequence[bool], kept: Sequence[int]) -> float | None:
+    """Recall of the ``kept`` probes after the last night over theirs after the first (None from 0)."""
     first = share([after_first[i] for i in kept])
     last = share([after_last[i] for i in kept])
     return None if not first else last / first
@@ -353,10 +354,11 @@ def _child(sender, function, args, kwargs) -> None:
 
 
 def isolated(function: Callable[..., dict], *args, say: Say, **kwargs) -> dict:
-    """``function(*args, **kwargs, say=...)`` in a fresh child process, its peak RSS added to the result.
+    """``function(*args, **kwargs, say=...)`` in a fresh child process, with its ``usage()`` added.
 
     The child forks from a server that has imported the libraries and loaded no model, so each
-    method starts from the same memory and costs no import time.
+    method starts from the same memory and costs no import time. A script that calls this needs
+    the ``if __name__ == "__main__":`` guard, as with any multiprocessing start method but fork.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "peft", __name__])
