@@ -457,7 +457,7 @@ def run(
     started = time.time()
     babi_file = evaluate.find_babi(babi_dir)
     result: dict = {"model": config.model, "seed": bench.seed, "settings": asdict(bench),
-                    "babi_file": str(babi_file) if babi_file else None}
+                    "babi_file": str(babi_file.resolve()) if babi_file else None}
     with console.status("sleep benchmark") as status:
         def say(name: str) -> Say:
             return lambda message: status.update(f"{name}: {message}")
