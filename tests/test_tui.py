@@ -223,8 +223,8 @@ async def test_sessions_are_switched_renamed_and_deleted_with_confirmation(app_h
         await pilot.press("delete")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
         await pilot.press("enter")  # the focused button is "Keep"
-        await pilot.pause()
-        assert not isinstance(app.screen, ConfirmScreen) and {s["id"] for s in stored()[0]} == {porto, rex}
+        await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), what="the answer")
+        assert {s["id"] for s in stored()[0]} == {porto, rex}
 
         listing.focus()
         listing.index = sidebar_titles(app).index("Family")

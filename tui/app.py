@@ -8,29 +8,29 @@ keys at once, even while the model loads or sleeps.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from textual import events, on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Label
+from textual.widgets.markdown import MarkdownStream
 
 from assistant.chat import Chat, sampling_from
-from assistant.config import Config, Paths, SomnusError, update_config, write_private_file
-from assistant.export import as_markdown, sessions_with_messages
+from assistant.config import Config, Paths, SomnusError
 from assistant.scheduler import Clock, SleepOutcome, SleepScheduler, describe_outcome, local_now
 from assistant.store import Store, open_store
-from tui import pages
-from tui.commands import SLASH_COMMANDS, SlashCommand, SlashSuggester, matching, parse
+from tui.commands import SlashSuggester
+from tui.conversation import Conversation
 from tui.engine import ChatEngine
+from tui.slash import SlashCommands
 from tui.widgets.chat_view import AssistantTurn, ChatView
-from tui.widgets.dialogs import AskScreen, ConfirmScreen, PageScreen
+from tui.widgets.dialogs import AskScreen, ConfirmScreen
 from tui.widgets.sidebar import UNTITLED, SessionSidebar
 from tui.widgets.status_bar import StatusBar, StatusLine
 
@@ -38,16 +38,7 @@ PROMPT_PLACEHOLDER = "Message Somnus  (/ for commands, Ctrl+P for the palette)"
 PRIVATE_BANNER = "PRIVATE SESSION: nothing here is recorded, and sleep never learns it"
 
 
-@dataclass
-class Conversation:
-    """What the chat view shows: a recorded session (None until its first turn) or a private one."""
-
-    session_id: int | None = None
-    private: bool = False
-    chat: Chat | None = None  # built once the model is loaded
-
-
-class SomnusApp(App[None]):
+class SomnusApp(SlashCommands, App[None]):
     """The terminal app behind bare ``somnus``."""
 
     CSS_PATH = "styles.tcss"
@@ -138,27 +129,49 @@ class SomnusApp(App[None]):
         event.input.clear()
         await self.send(text)
 
+    @on(Input.Changed, "#prompt")
+    def _prompt_changed(self, event: Input.Changed) -> None:
+        self.show_command_hints(event.value)
+
     async def send(self, text: str) -> None:
         """Show the user's turn and stream the reply under it."""
         self._replying = True
         self._cancel = threading.Event()
         turn = await self.query_one(ChatView).add_turn(text)
-        self._generate(text, turn, self._cancel)
+        self._generate(text, turn, turn.begin_stream(), self._cancel)
 
     @work(thread=True, group="reply")
-    def _generate(self, text: str, turn: AssistantTurn, cancel: threading.Event) -> None:
-        stream = self.call_from_thread(turn.begin_stream)
+    def _generate(self, text: str, turn: AssistantTurn, stream: MarkdownStream, cancel: threading.Event) -> None:
+        """Generate in this worker thread, handing each piece to the screen as it comes."""
         reply = problem = None
+        handed_over = False  # from here on, Chat has recorded the user's turn (or keeps it, in private)
         try:
             with self.engine.using() as (backend, model):
                 chat = self._chat(backend, model)
-                reply = chat.reply(text, cancel=cancel,
-                                   on_piece=lambda piece: self.call_from_thread(stream.write, piece))
+                handed_over = True
+                reply = chat.reply(text, cancel=cancel, on_piece=partial(self._show_piece, stream))
         except Exception as error:  # engines raise their own types; the user sees the line, keeps the text
             problem = " ".join(str(error).split()) or type(error).__name__
-        finally:
-            self.call_from_thread(stream.stop)
-        self.call_from_thread(self._reply_ended, text, turn, reply, problem)
+        self._queue(partial(self._reply_ended, text, turn, stream, reply, problem, kept=handed_over))
+
+    def _show_piece(self, stream: MarkdownStream, piece: str) -> None:
+        """Keep pace with the screen: a busy interface slows the reply down rather than falling behind
+        it. The wait is bounded, so an app that quits mid-reply never holds this thread."""
+        shown = threading.Event()
+        self._queue(self._write_piece, stream, piece, shown)
+        shown.wait(timeout=1.0)
+
+    @staticmethod
+    async def _write_piece(stream: MarkdownStream, piece: str, shown: threading.Event) -> None:
+        await stream.write(piece)
+        shown.set()
+
+    def _queue(self, callback: Callable, *args: object) -> None:
+        """Run ``callback(*args)`` on the interface, from a worker thread, without waiting for it."""
+        try:
+            self.call_later(callback, *args)
+        except RuntimeError:  # the app has quit: nothing is left to show
+            pass
 
     def _chat(self, backend: Any, model: Any) -> Chat:
         """The conversation's Chat, on the engine's current backend (it changes after a promotion)."""
@@ -170,17 +183,18 @@ class SomnusApp(App[None]):
         conversation.chat.backend, conversation.chat.model = backend, model.ref
         return conversation.chat
 
-    async def _reply_ended(self, text: str, turn: AssistantTurn, reply: Any, problem: str | None) -> None:
+    async def _reply_ended(self, text: str, turn: AssistantTurn, stream: MarkdownStream, reply: Any,
+                           problem: str | None, *, kept: bool) -> None:
+        await stream.stop()
         self._replying = False
         if reply is not None:
             turn.mark(reply.status)
         if problem is not None:
             turn.mark("error")
-            await self.query_one(ChatView).add_notice(problem, error=True)
-            recorded = self.conversation.chat is not None and self.conversation.chat.session_id is not None
             prompt = self.query_one("#prompt", Input)
-            if not recorded and not prompt.value:
+            if not kept and not prompt.value:
                 prompt.value = text  # never lose what the user wrote
+            await self.query_one(ChatView).add_notice(problem, error=True)
         chat = self.conversation.chat
         if chat is not None and chat.session_id is not None and chat.session_id != self.conversation.session_id:
             self.conversation.session_id = chat.session_id
@@ -198,7 +212,7 @@ class SomnusApp(App[None]):
         view = self.query_one(ChatView)
         messages = self.store.messages(conversation.session_id) if conversation.session_id is not None else []
         await view.show_messages(messages)
-        self.screen.set_class(conversation.private, "-private")
+        view.screen.set_class(conversation.private, "-private")
         self._show_title()
         await self._refresh_sidebar()
 
@@ -277,147 +291,18 @@ class SomnusApp(App[None]):
         else:
             await self._refresh_sidebar()
 
-    # Slash commands, their completion and the palette
-
-    @on(Input.Changed, "#prompt")
-    def _hint(self, event: Input.Changed) -> None:
-        hints = self.query_one("#command-hints", Label)
-        candidates = matching(event.value)
-        hints.update("\n".join(f"{command.usage:<18} {command.help}" for command in candidates))
-        hints.display = bool(candidates)
-
-    def action_complete(self) -> None:
-        """Tab: accept the /command suggestion in the prompt; elsewhere, move focus as usual."""
-        prompt = self.query_one("#prompt", Input)
-        candidates = matching(prompt.value) if self.focused is prompt else []
-        if candidates:
-            prompt.value = f"/{candidates[0].name} "
-            prompt.cursor_position = len(prompt.value)
-        else:
-            self.screen.focus_next()
-
-    async def run_slash(self, text: str) -> None:
-        try:
-            command, argument = parse(text)
-        except SomnusError as error:
-            self.notify(str(error), severity="error")
-            return
-        await getattr(self, command.action)(argument)
-
-    async def action_slash(self, name: str) -> None:
-        await self.run_slash("/" + name)
-
-    def get_system_commands(self, screen: Screen):
-        yield from super().get_system_commands(screen)
-        for command in SLASH_COMMANDS:
-            yield SystemCommand(command.usage, command.help, partial(self._palette, command))
-
-    async def _palette(self, command: SlashCommand) -> None:
-        """From the palette a command runs without its (optional) argument."""
-        await getattr(self, command.action)("")
-
-    async def slash_new(self, _argument: str) -> None:
-        await self.open_conversation(Conversation())
-
-    async def slash_private(self, _argument: str) -> None:
-        await self.open_conversation(Conversation(private=True))
-
-    async def slash_help(self, _argument: str) -> None:
-        self.push_screen(PageScreen(pages.help_page(), name="help"))
-
-    async def slash_status(self, _argument: str) -> None:
-        facts = {**self._status_facts(), "data folder": self.paths.home, "database": self.paths.database,
-                 **self.store.counts(),
-                 "sessions not slept on": len(self.store.sleep.unconsolidated_sessions()),
-                 "this session": "private (not recorded)" if self.conversation.private
-                 else self.conversation.session_id or "new (recorded from its first message)"}
-        self.push_screen(PageScreen(pages.facts_page("Status", facts), name="status"))
-
-    async def slash_model(self, argument: str) -> None:
-        from assistant.models import known_models, resolve_model
-
-        if not argument:
-            self.push_screen(PageScreen(pages.models_page(known_models(self.paths, self.engine.config.model)),
-                                        name="models"))
-            return
-        if self._replying:
-            self.notify("Wait for the reply to end before switching models", severity="warning")
-            return
-        try:
-            model = resolve_model(argument, self.paths)
-            update_config(self.paths, model=model.ref)
-        except SomnusError as error:
-            self.notify(str(error), severity="error")
-            return
-        self.config = self.config.with_overrides(model=model.ref)
-        self.notify(f"Switching to {model.ref} (now the default)")
-        self.reload_engine(self.config)
-
-    async def slash_adapters(self, _argument: str) -> None:
-        self.push_screen(PageScreen(pages.adapters_page(self.store.sleep.adapters()), name="adapters"))
-
-    async def slash_rollback(self, _argument: str) -> None:
-        if self.scheduler.sleeping:
-            self.notify("A sleep is running: roll back after it ends", severity="warning")
-            return
-        live = self.store.sleep.live_adapter()
-        if live is None:
-            self.notify("Nothing to roll back: no adapter is live", severity="warning")
-            return
-        question = (f"Roll back from adapter v{live['version']} to the one before? What v{live['version']} "
-                    "learnt will be slept on again.")
-        self.push_screen(ConfirmScreen(question, "Roll back"), self._rollback)
-
-    def _rollback(self, confirmed: bool | None) -> None:
-        if not confirmed:
-            return
-        live = self.store.sleep.rollback()
-        self.notify(f"Live adapter: v{live['version']}" if live else "Live: the bare model, no adapter")
-        self.refresh_status()
-
-    async def slash_export(self, argument: str) -> None:
-        session_id = self.conversation.session_id
-        if session_id is None:
-            self.notify("Nothing to export: this session is private or has no message yet", severity="warning")
-            return
-        target = Path(argument or f"somnus-session-{session_id}.md").expanduser().resolve()
-        try:
-            write_private_file(target, as_markdown(sessions_with_messages(self.store, [session_id])).encode())
-        except (OSError, SomnusError) as error:
-            self.notify(f"cannot write {target}: {getattr(error, 'strerror', None) or error}", severity="error")
-            return
-        self.notify(f"Exported to {target}")
-
-    async def slash_sleep(self, _argument: str) -> None:
-        if self.scheduler.sleeping:
-            self.notify("Already sleeping: the status bar shows how far it is", severity="warning")
-            return
-        self.run_worker(self.scheduler.sleep("you asked with /sleep"), group="sleep")
-
-    async def slash_report(self, _argument: str) -> None:
-        if self.last_sleep is not None and self.last_sleep.report is not None:
-            report, reason = asdict(self.last_sleep.report), self.last_sleep.reason
-        else:
-            last_run = self.store.sleep.last_run()
-            if last_run is None or not last_run.get("report"):
-                self.notify("No sleep report yet: /sleep starts one", severity="warning")
-                return
-            report, reason = last_run["report"], None
-        titles = {row["id"]: row["title"] for row in self.store.sessions()}
-        self.push_screen(PageScreen(pages.report_page(report, titles, reason), name="report"))
-
     # The engine
 
     @work(thread=True, group="engine")
     def _load_engine(self) -> None:
         self.engine.load()
-        self.call_from_thread(self._engine_changed)
+        self._queue(self._engine_changed)
 
     @work(thread=True, group="engine")
     def reload_engine(self, config: Config | None = None) -> None:
         """Open the model again (after a promotion, a rollback or /model), once the reply in flight ends."""
         self.engine.reload(config)
-        self.call_from_thread(self._engine_changed)
+        self._queue(self._engine_changed)
 
     async def _engine_changed(self) -> None:
         if self.engine.problem is not None:
@@ -451,7 +336,7 @@ class SomnusApp(App[None]):
             "engine": (self.engine.backend.name if self.engine.ready
                        else "loading" if self.engine.loading else "not loaded"),
             "adapter": f"v{live['version']}" if live else "none",
-            "last sleep": _last_sleep_text(last_run),
+            "last sleep": _last_sleep_text(last_run, self.paths),
             "next sleep": "sleeping now" if self.scheduler.sleeping else _next_sleep_text(upcoming),
         }
 
@@ -465,15 +350,17 @@ class SomnusApp(App[None]):
                                                   str(facts["last sleep"]), str(facts["next sleep"])))
 
 
-def _last_sleep_text(run: dict | None) -> str:
+def _last_sleep_text(run: dict | None, paths: Paths) -> str:
+    from assistant.sleep.runner import is_sleeping
+
     if run is None:
         return "never"
     outcome = (run.get("report") or {}).get("status") or run["status"]
+    if outcome == "running" and not is_sleeping(paths):
+        outcome = "interrupted"  # killed mid-night; the next sleep records it as failed
     when = datetime.fromisoformat(run["started"]).astimezone().strftime("%d %b %H:%M")
     return f"{when} {outcome}"
 
 
 def _next_sleep_text(upcoming: datetime | None) -> str:
-    if upcoming is None:
-        return "when there is something new"
-    return f"{upcoming.astimezone().strftime('%H:%M')} if idle"
+    return "nothing new yet" if upcoming is None else f"{upcoming.astimezone():%H:%M} if idle"

@@ -65,6 +65,6 @@ class PageScreen(ModalScreen[None]):
         self.markdown = markdown
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(classes="box page"):
+        with VerticalScroll(classes="box page") as page:
+            page.border_subtitle = "Escape closes this page"
             yield Markdown(self.markdown)
-            yield Label("Escape closes this page", classes="hint")

@@ -24,7 +24,7 @@ class StatusLine:
 
     def text(self) -> str:
         return (f"{self.model} · {self.engine} · adapter {self.adapter} · "
-                f"last sleep {self.last_sleep} · next {self.next_sleep}")
+                f"last sleep {self.last_sleep} · next sleep {self.next_sleep}")
 
 
 class StatusBar(Horizontal):

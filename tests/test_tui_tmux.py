@@ -1,0 +1,102 @@
+"""The real `somnus` in a real terminal: tmux runs it, the test types (send-keys) and reads (capture-pane).
+
+Skipped where tmux is not installed. Its own tmux server (-L) keeps it away from the user's sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from assistant.store import Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
+
+
+class Terminal:
+    """A 120x32 tmux window running one command."""
+
+    def __init__(self, command: str, environment: dict[str, str]) -> None:
+        self.server = f"somnus-test-{os.getpid()}"
+        exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in environment.items())
+        self.tmux("new-session", "-d", "-s", "app", "-x", "120", "-y", "32",  # COLUMNS would override the size
+                  f"env -u COLUMNS -u LINES {exports} {command}; echo EXITED:$?; sleep 600")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.server, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "app")
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "app", *keys)
+
+    def wait_for(self, text: str, timeout: float = 120.0, gone: bool = False) -> None:
+        """Until ``text`` is on screen (or, with ``gone``, no longer is)."""
+        started = time.monotonic()
+        while (text in self.screen()) is gone:
+            state = "stayed" if gone else "never appeared"
+            assert time.monotonic() - started < timeout, f"{text!r} {state}:\n{self.screen()}"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def terminal(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'model = "{tiny_model_dir}"\nbackend = "torch"\nmax_tokens = 24\n')
+    started = time.monotonic()
+    window = Terminal(f"{shlex.quote(sys.executable)} -m assistant.cli",
+                      {"SOMNUS_HOME": str(home), "TERM": "xterm-256color", "PATH": os.environ["PATH"]})
+    window.started, window.home = started, home
+    yield window
+    window.close()
+
+
+def test_somnus_in_a_terminal_chats_records_and_quits(terminal):
+    terminal.wait_for("Message Somnus", timeout=60)
+    prompt_seconds = time.monotonic() - terminal.started
+    terminal.wait_for(" · torch · ", timeout=120)
+    print(f"start-up: interactive prompt after {prompt_seconds:.2f} s, "
+          f"model loaded after {time.monotonic() - terminal.started:.2f} s")
+
+    terminal.keys("/he")
+    terminal.wait_for("/help              Commands and keys")
+    terminal.keys("Tab", "Enter")
+    terminal.wait_for("Escape closes this page")
+    terminal.keys("Escape")  # alone: a key sent right after it would read as Alt+key
+    terminal.wait_for("Escape closes this page", gone=True)
+
+    echo = []
+    for letter in "Hello there":
+        sent = time.monotonic()
+        terminal.keys("-l", letter)
+        terminal.wait_for("▊  Hello there"[: 3 + len(echo) + 1])
+        echo.append(time.monotonic() - sent)
+    print(f"keypress echo through tmux: median {sorted(echo)[len(echo) // 2] * 1000:.0f} ms")
+    terminal.keys("Enter")
+    terminal.wait_for("╭─ Hello there ─")
+    database = terminal.home / "somnus.db"
+    deadline = time.monotonic() + 120
+    while True:
+        with Store(database) as store:
+            messages = [(m["role"], m["status"]) for m in store.messages(1)] if store.sessions() else []
+        if len(messages) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert messages == [("user", "complete"), ("assistant", "complete")]
+
+    terminal.keys("/private", "Enter")
+    terminal.wait_for("PRIVATE SESSION: nothing here is recorded")
+    terminal.keys("C-q")
+    terminal.wait_for("EXITED:0", timeout=30)
