@@ -75,6 +75,14 @@ async def page_text(pilot, what: str) -> str:
     return app.screen.query_one("Markdown").source
 
 
+async def answer_yes(pilot) -> None:
+    """Click the confirming button of the question on screen, once it is laid out."""
+    await until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen), what="the question")
+    await pilot.pause()
+    await pilot.click("#confirm")
+    await until(pilot, lambda: not isinstance(pilot.app.screen, ConfirmScreen), what="the answer")
+
+
 def turns(app: SomnusApp) -> list[tuple[str, str]]:
     return [("user", str(widget.render())) if isinstance(widget, UserTurn) else ("assistant", widget.source)
             for widget in app.query_one(ChatView).query("UserTurn, AssistantTurn")]
@@ -229,8 +237,7 @@ async def test_sessions_are_switched_renamed_and_deleted_with_confirmation(app_h
         listing.focus()
         listing.index = sidebar_titles(app).index("Family")
         await pilot.press("delete")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
-        await pilot.click("#confirm")
+        await answer_yes(pilot)
         await until(pilot, lambda: sidebar_titles(app) == ["Rex likes the park"], what="the deletion")
         sessions, messages = stored()
         assert [s["id"] for s in sessions] == [rex] and {m["session_id"] for m in messages} == {rex}
@@ -404,8 +411,7 @@ async def test_a_promoted_adapter_is_worn_by_the_next_reply_and_rollback_takes_i
         await pilot.press("escape")
 
         await type_and_send(pilot, "/rollback")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
-        await pilot.click("#confirm")
+        await answer_yes(pilot)
         await until(pilot, lambda: "adapter none" in str(status.render()) and app.engine.ready
                     and app.engine.adapter_version is None, what="the rollback")
         assert await answer("Hello there") == bare
