@@ -97,10 +97,14 @@ class SomnusApp(SlashCommands, App[None]):
     async def on_mount(self) -> None:
         self.query_one("#prompt", Input).focus()
         await self._show_conversation()
+        self.refresh_status()
+
+    def on_ready(self) -> None:
+        """After the first frame: loading the model (torch's import holds the GIL for seconds) would
+        otherwise delay the prompt the user is waiting to type into."""
         self._load_engine()
         self.scheduler.start()
         self.set_interval(30, self.refresh_status)
-        self.refresh_status()
 
     async def on_unmount(self) -> None:
         self._cancel.set()
