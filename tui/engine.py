@@ -76,10 +76,6 @@ class ChatEngine:
                 raise EngineUnavailable(self.problem)
             yield self.backend, self.model
 
-    def close(self) -> None:
-        with self._lock:
-            self._close()
-
     def _open(self) -> None:
         from assistant.models import open_chat_backend
 

@@ -35,9 +35,6 @@ class StatusBar(Horizontal):
         yield Label("", id="sleep-stage", markup=False)
         yield ProgressBar(total=1.0, show_eta=False, id="sleep-progress")
 
-    def on_mount(self) -> None:
-        self.set_class(False, "-sleeping")
-
     def show(self, line: StatusLine) -> None:
         self.query_one("#status-text", Label).update(line.text())
 
