@@ -100,3 +100,26 @@ def test_somnus_in_a_terminal_chats_records_and_quits(terminal):
     terminal.wait_for("PRIVATE SESSION: nothing here is recorded")
     terminal.keys("C-q")
     terminal.wait_for("EXITED:0", timeout=30)
+
+
+def test_keys_echo_at_once_in_a_terminal_while_a_real_sleep_trains(terminal):
+    with Store(terminal.home / "somnus.db") as store:
+        session = store.create_session(model="tiny")
+        for index, text in enumerate(["My sister is called Zara. I live in Porto.", "Noted.",
+                                      "Where do I live? And what is my sister's name?", "You live in Porto."]):
+            store.add_message(session, "user" if index % 2 == 0 else "assistant", text)
+    terminal.wait_for(" · torch · ", timeout=120)
+    terminal.keys("/sleep", "Enter")
+    terminal.wait_for("sleeping · consolidate: step", timeout=300)
+    typed, echo = "", []
+    for letter in "abcdefghijklmnopqrst":
+        typed += letter
+        sent = time.monotonic()
+        terminal.keys("-l", letter)
+        terminal.wait_for("▊  " + typed)
+        echo.append(time.monotonic() - sent)
+    assert "sleeping · consolidate" in terminal.screen()  # the night was still training throughout
+    median = sorted(echo)[len(echo) // 2]
+    print(f"keypress echo through tmux while sleeping: median {median * 1000:.0f} ms, max {max(echo) * 1000:.0f} ms "
+          "(send-keys and capture-pane included)")
+    assert median < 0.1
