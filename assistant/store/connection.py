@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,13 +38,31 @@ def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     with translated_errors(path, busy_timeout):
         connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         try:
-            _claim_or_refuse(connection, path)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA foreign_keys=ON")
+            _set_up(connection, path, busy_timeout)
         except BaseException:
             connection.close()
             raise
     return connection
+
+
+def _set_up(connection: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
+    """Claim the file and switch it to WAL, retrying while another process does the same.
+
+    SQLite does not call its busy handler for a journal-mode switch (it could deadlock), so two
+    processes opening a new database at once can get SQLITE_BUSY at once: wait for it here instead.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            _claim_or_refuse(connection, path)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            return
+        except sqlite3.OperationalError as error:
+            busy = getattr(error, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
