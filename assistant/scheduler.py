@@ -165,8 +165,11 @@ class SleepScheduler:
         return earliest if waiting >= self.config.sleep_after_sessions else self.window.next_opening(earliest)
 
     async def check(self) -> SleepOutcome | None:
-        """The idle check: sleep to the end if it is time (and no sleep runs already)."""
-        if self._sleeping:
+        """The idle check: sleep to the end if it is time, and no sleep runs here or in another process
+        (the daemon beside the app): that one is left alone, rather than refused every minute."""
+        from assistant.sleep.runner import is_sleeping
+
+        if self._sleeping or is_sleeping(self.paths):
             return None
         reason = self.due()
         return None if reason is None else await self.sleep(reason)
