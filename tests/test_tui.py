@@ -348,7 +348,8 @@ async def test_sleep_runs_beside_the_chat_with_progress_and_a_report(app_home):
         with Store(open_paths().database) as store:
             run = store.sleep.last_run()
         assert run["status"] == "complete" and run["report"]["sessions"] == [session_id]
-        assert f"sleep {run['report']['status']}" in toasts(app) and "/report to read it" in toasts(app)
+        await until(pilot, lambda: f"sleep {run['report']['status']}" in toasts(app), what="the sleep's notice")
+        assert "/report to read it" in toasts(app)
         assert f"last sleep " in str(app.query_one("#status-text", Label).render())
 
         await type_and_send(pilot, "/report")
