@@ -60,11 +60,13 @@ async def until(pilot, condition, timeout: float = 90.0, what: str = "the condit
 
 
 async def type_and_send(pilot, text: str) -> None:
-    """Type into the prompt, then press Enter without waiting for what it starts to finish."""
-    pilot.app.query_one("#prompt", Input).focus()
+    """Type into the prompt, then press Enter without waiting for what it starts to finish (only for the
+    prompt to take the text: keys pressed before that would join it)."""
+    prompt = pilot.app.query_one("#prompt", Input)
+    prompt.focus()
     await pilot.press(*text)
     pilot.app.simulate_key("enter")
-    await asyncio.sleep(0)
+    await until(pilot, lambda: prompt.value == "", timeout=30, what="the prompt to take the text")
 
 
 async def page_text(pilot, what: str) -> str:
@@ -298,7 +300,8 @@ async def test_a_model_that_cannot_load_is_one_line_and_the_message_is_kept(somn
     async with app.run_test(size=SIZE, notifications=True) as pilot:
         await until(pilot, lambda: app.query(Notice), what="the load error")
         assert "missing.gguf not found" in str(app.query_one(Notice).render())
-        await type_and_send(pilot, "Are you there?")
+        await pilot.press(*"Are you there?")
+        app.simulate_key("enter")  # the prompt empties, then gets the text back when the reply fails
         await until(pilot, lambda: len(app.query(Notice)) == 2, what="the reply error")
         assert app.query_one("#prompt", Input).value == "Are you there?"
         assert stored() == ([], [])
@@ -395,7 +398,7 @@ async def test_a_promoted_adapter_is_worn_by_the_next_reply_and_rollback_takes_i
 
         async def answer(text: str) -> str:
             await type_and_send(pilot, "/new")
-            await pilot.pause()
+            await until(pilot, lambda: turns(app) == [], what="a new session")
             await type_and_send(pilot, text)
             await until(pilot, lambda: app.query(AssistantTurn) and not app.replying, what="the reply")
             return app.query_one(AssistantTurn).source
@@ -416,3 +419,4 @@ async def test_a_promoted_adapter_is_worn_by_the_next_reply_and_rollback_takes_i
         await until(pilot, lambda: "adapter none" in str(status.render()) and app.engine.ready
                     and app.engine.adapter_version is None, what="the rollback")
         assert await answer("Hello there") == bare
+
