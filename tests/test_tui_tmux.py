@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,7 @@ class Terminal:
         exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in environment.items())
         self.tmux("new-session", "-d", "-s", "app", "-x", "120", "-y", "32",  # COLUMNS would override the size
                   f"env -u COLUMNS -u LINES {exports} {command}; echo EXITED:$?; sleep 600")
+        self.socket = Path(self.tmux("display-message", "-p", "#{socket_path}").strip())
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.server, *args], capture_output=True, text=True, check=True,
@@ -48,6 +50,7 @@ class Terminal:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True, timeout=30)
+        self.socket.unlink(missing_ok=True)  # tmux leaves it behind
 
 
 @pytest.fixture
