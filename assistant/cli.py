@@ -337,8 +337,52 @@ def _print_sleep_report(report) -> None:
             ["recall before -> after", f"{percent(report.recall_before)} -> {percent(report.recall_after)}"],
             ["retention of older nights", percent(report.retention)],
             ["in-context before -> after", f"{percent(report.in_context_before)} -> {percent(report.in_context_after)}"],
+            *_dreaming_rows(report.dreaming, percent),
             ["seconds", report.seconds],
         ])
+
+
+def _dreaming_rows(dreaming: dict, percent) -> list[list[object]]:
+    """The sleep report's summary of the night's dreams (see `somnus dreams` for the journal)."""
+    if not dreaming:
+        return []
+    reward = dreaming.get("reward_mean")
+    rows = [["dreams written / judged / kept", f"{dreaming['written']} / {dreaming['judged']} / {dreaming['kept']}"],
+            ["mean reward of kept dreams", "-" if reward is None else f"{reward:.2f}"]]
+    if "chosen" in dreaming:
+        rows.append(["recall consolidated / dreamt",
+                     f"{percent(dreaming['recall_consolidated'])} / {percent(dreaming['recall_dreamt'])}"])
+        rows.append(["went live", f"{dreaming['chosen']} block"])
+    return rows
+
+
+@app.command()
+def dreams(
+    ctx: typer.Context,
+    run: Annotated[Optional[int], typer.Argument(help="Sleep run id (default: the last run that dreamt).")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """The dream journal of a night: each dream, its teacher's reference, score, whether it was kept, its reward."""
+    ws = workspace(ctx)
+    with _open_store(ws) as store:
+        run = run if run is not None else store.sleep.last_dreaming_run()
+        rows = store.sleep.dreams(run) if run is not None else []
+    if json_output:
+        _print_json(rows)
+        return
+    if not rows:
+        print("no dreams yet: no sleep has dreamt" if run is None else f"sleep run {run} has no dreams")
+        return
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print(f"sleep run {run}: {len(rows)} dream(s), {sum(r['kept'] for r in rows)} kept")
+    _print_table(["kept", "source", "question", "reference", "confidence", "score", "reward"], [
+        ["yes" if r["kept"] else "", r["source"], r["question"], r["reference"] or "(discarded)",
+         number(r["confidence"]), number(r["score"]), number(r["reward"])]
+        for r in rows
+    ])
 
 
 @app.command()

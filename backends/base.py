@@ -146,6 +146,13 @@ class BlockTrainer(Protocol):
     def set_block_scales(self, scales: Sequence[float]) -> None:
         """Rescale the frozen blocks (0 drops one): the dreams' noise over old memories."""
 
+    def new_block_state(self) -> object:
+        """A copy of the new block's weights, to come back to (dreaming trains on a copy)."""
+
+    def load_new_block_state(self, state: object, lr: float | None = None) -> None:
+        """Put weights from ``new_block_state`` back into the new block; the optimiser starts afresh
+        (at learning rate ``lr`` when given)."""
+
     def save_new_block(self, path: Path) -> None:
         """Write the new block as a PEFT LoRA folder that every engine's ``set_adapters`` loads."""
 

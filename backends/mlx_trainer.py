@@ -126,6 +126,7 @@ class MlxBlockTrainer:
         for layer in self.new_layers.values():
             layer.unfreeze(keys=["new_down", "new_up"], recurse=False)
         self.set_block_scales([block.scale for block in blocks])
+        self.lr = lr
         self.optimizer = optim.AdamW(learning_rate=lr, weight_decay=WEIGHT_DECAY, bias_correction=True)
         mx.eval(self.model.parameters())
 
@@ -193,6 +194,15 @@ class MlxBlockTrainer:
         self.state.scalings = {
             name: float(scale) * base for name, scale, base in zip(self.block_names, scales, self.block_base_scales)
         }
+
+    def new_block_state(self) -> dict[str, tuple[mx.array, mx.array]]:
+        return {name: (layer.new_down, layer.new_up) for name, layer in self.new_layers.items()}  # immutable arrays
+
+    def load_new_block_state(self, state: dict[str, tuple[mx.array, mx.array]], lr: float | None = None) -> None:
+        for name, layer in self.new_layers.items():
+            layer.new_down, layer.new_up = state[name]
+        self.lr = self.lr if lr is None else lr
+        self.optimizer = optim.AdamW(learning_rate=self.lr, weight_decay=WEIGHT_DECAY, bias_correction=True)
 
     def save_new_block(self, path: Path) -> None:
         write_peft_block(

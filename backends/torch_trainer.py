@@ -183,6 +183,17 @@ class TorchBlockTrainer:
             for name, scale in zip(self.block_names, self.scales):
                 layer.set_scale(name, scale)
 
+    def new_block_state(self) -> list[torch.Tensor]:
+        return [param.detach().clone() for param in self.new_parameters]
+
+    def load_new_block_state(self, state: Sequence[torch.Tensor], lr: float | None = None) -> None:
+        with torch.no_grad():
+            for param, saved in zip(self.new_parameters, state, strict=True):
+                param.copy_(saved)
+        self.optimizer.state.clear()  # Adam's moments belonged to the other weights
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] if lr is None else lr
+
     def save_new_block(self, path: Path) -> None:
         write_peft_block(
             Path(path), self.spec, str(self.hf_dir),

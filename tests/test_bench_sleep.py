@@ -15,9 +15,10 @@ import pytest
 from assistant.bench import sleep as bench
 from assistant.nano import evaluate
 
-METHODS = {"in_context", "floor", "sleep", "finetune", "distill_only"}
+ABLATIONS = {"no_dream", "no_selection", "no_noise"}
+METHODS = {"in_context", "floor", "sleep", "finetune", "distill_only"} | ABLATIONS
 PER_DATA_SET = {"methods", "retention", "in_context_drop", "nights", "seconds_per_night", "latest_recall",
-                "per_night", "skipped"}
+                "per_night", "ablations", "skipped"}
 
 STORY = """\
 1 Mary moved to the bathroom.
@@ -113,8 +114,22 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
 
 
 @pytest.mark.slow
+def test_the_dreaming_ablations_sleep_two_nights_beside_the_full_sleep(tiny_run):
+    generated = tiny_run[0]["generated"]
+    ablations = generated["ablations"]
+    assert set(ablations) == ABLATIONS | {"sleep"}
+    assert ablations["sleep"]["recall"] == generated["per_night"][1]["recall"]  # the same run's night 2
+    for name, row in ablations.items():
+        assert row["night"] == 2 and row["probes"] == 4 and 0.0 <= row["recall"] <= 1.0
+        assert {"recall", "cr", "seconds", "status"} <= set(row)
+        if name in ABLATIONS:
+            assert generated["methods"][name] == row
+    assert ablations["no_dream"]["chosen"] is None  # it never dreamt, so there was nothing to choose
+
+
+@pytest.mark.slow
 def test_cr_follows_its_formula(tiny_run):
-    methods = tiny_run[0]["generated"]["methods"]
+    methods = {name: m for name, m in tiny_run[0]["generated"]["methods"].items() if name not in ABLATIONS}
     floor, ceiling = methods["floor"]["recall"], methods["in_context"]["recall"]
     for method in methods.values():
         expected = None if ceiling == floor else (method["recall"] - floor) / (ceiling - floor)

@@ -133,3 +133,22 @@ def test_batched_greedy_generation_matches_the_mlx_engine(tiny_model_dir, starte
     assert texts == torch_trainer.generate(prompts, greedy, new_block=False)
     hot = Sampling(max_tokens=12, temperature=1.0, top_p=0.9, seed=3)
     assert mlx_trainer.generate(prompts, hot, new_block=True) == mlx_trainer.generate(prompts, hot, new_block=True)
+
+
+def test_a_copied_block_comes_back_exactly_and_trains_afresh_on_both_engines(started):
+    """Dreaming trains a copy of the consolidated block; the gate may put the original back."""
+    prefixes, completions = token_batch(started[0])
+    for trainer in started:
+        trainer.train_step(prefixes, completions, cross_entropy)
+        saved = trainer.new_block_state()
+        kept = as_numpy(trainer.completion_logits(prefixes, completions, new_block=True)[0])
+        trainer.train_step(prefixes, completions, cross_entropy)
+        moved = as_numpy(trainer.completion_logits(prefixes, completions, new_block=True)[0])
+        assert not np.array_equal(moved, kept)
+        trainer.load_new_block_state(saved, lr=LR / 10)
+        np.testing.assert_array_equal(as_numpy(trainer.completion_logits(prefixes, completions, new_block=True)[0]),
+                                      kept)
+    for trainer in started:  # afresh: the same step from the same weights, a tenth of the rate, no moments
+        trainer.train_step(prefixes, completions, cross_entropy)
+    after = [as_numpy(t.completion_logits(prefixes, completions, new_block=True)[0]) for t in started]
+    np.testing.assert_allclose(after[1], after[0], rtol=0, atol=LOGITS_TOLERANCE)

@@ -3,13 +3,19 @@ and the gate refuses an adapter that does harm."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from assistant.config import load_config, open_paths
 from assistant.models import NANO_DIR, open_chat_backend
 from assistant.nano import evaluate
-from assistant.sleep import losses
+from assistant.sleep import dreams, losses, rewards
 from assistant.sleep.cycle import SleepSettings, sleep_cycle
+from assistant.sleep.dreams import DreamSettings
+from assistant.sleep.seeding import SeedingSettings
 from assistant.sleep.gate import GateSettings, Probe, judge
 from assistant.store import open_store
 from backends.base import Sampling
@@ -74,3 +80,61 @@ def test_the_gate_rejects_an_adapter_that_does_harm():
         trainer.close()
     assert not verdict.promote
     assert verdict.in_context_after < verdict.in_context_before
+
+
+def _night_of_two_sessions(tmp_path, settings, **kwargs):
+    """A night on the bundled model: two sessions told, then a sleep with ``settings``."""
+    paths = open_paths(tmp_path / "home")
+    config = load_config(paths).with_overrides(model="nano", backend="torch")
+    with open_store(paths, config) as store:
+        for turns in (["My sister is called Wanda.", "I live in Tallinn."],
+                      ["Mary moved to the kitchen.\nJohn went to the garden.", "Mary travelled to the office."]):
+            session = store.create_session(model="nano")
+            for turn in turns:
+                store.add_message(session, "user", turn)
+                store.add_message(session, "assistant", "Noted.")
+        report = sleep_cycle(paths, config, store, settings=settings, **kwargs)
+        journal = store.sleep.dreams(report.run)
+    return paths, report, journal
+
+
+def test_a_night_dreams_after_consolidating_and_keeps_a_journal(tmp_path):
+    settings = SleepSettings(seeding=SeedingSettings(steps=40), dreams=DreamSettings(draws=2, steps=6))
+    paths, report, journal = _night_of_two_sessions(tmp_path, settings)
+    summary = report.dreaming
+    assert summary["written"] == len(journal) > 0
+    assert summary["kept"] == sum(d["kept"] for d in journal) > 0
+    assert summary["chosen"] in ("consolidated", "dreamt")
+    kept = [d for d in journal if d["kept"]]
+    assert all(d["reference"] and d["score"] is not None and d["reward"] is not None for d in kept)
+    assert all(d["question"].endswith("?") for d in journal)
+    assert {d["source"] for d in journal} <= set(dreams.SOURCES)
+    probes = {p.question for p in _night_probes(paths, report)}
+    assert not probes & {d["question"] for d in journal}  # the gate's questions are never dreamt
+    printed = subprocess.run([sys.executable, "-m", "assistant.cli", "--home", str(paths.home), "dreams"],
+                             capture_output=True, text=True, timeout=120, check=True,
+                             env={**os.environ, "COLUMNS": "250"}).stdout
+    assert f"sleep run {report.run}: {len(journal)} dream(s), {summary['kept']} kept" in printed
+    assert kept[0]["question"][:30] in printed
+
+
+def test_a_night_of_bad_dreams_is_caught_and_the_consolidated_block_goes_live(tmp_path):
+    def bad_reward(candidate, reference, semantic):  # pays for straying from the teacher
+        return 1.0 - rewards.imitation_reward(candidate, reference, semantic=semantic)
+
+    settings = SleepSettings(seeding=SeedingSettings(steps=40),
+                             dreams=DreamSettings(draws=2, steps=16, lr=3e-2, keep_top=4, keep_random=0))
+    _, report, journal = _night_of_two_sessions(tmp_path, settings, dream_reward=bad_reward)
+    summary = report.dreaming
+    assert summary["kept"] > 0
+    assert summary["chosen"] == "consolidated", summary
+    harmed = summary["recall_dreamt"] < summary["recall_consolidated"] or "fell" in summary["dreamt_verdict"]
+    assert harmed, summary  # the dreams really did harm, and the gate saw it
+    assert report.recall_after == summary["recall_consolidated"]
+
+
+def _night_probes(paths, report):
+    from assistant.sleep import blocks
+
+    stack = blocks.load_stack(blocks.manifest_path(paths.home, report.adapter))
+    return [Probe(**p) for p in stack.extra["probes"]]

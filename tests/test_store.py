@@ -47,7 +47,7 @@ def test_schema_is_built_by_recorded_migrations_once(tmp_path):
     assert applied == [function.__name__ for function in MIGRATIONS]
     assert applied == sorted(applied)
     assert {"sessions", "messages", "messages_fts", "sleep_runs", "adapters", "adapter_sessions",
-            "evaluations"} <= tables
+            "evaluations", "dreams"} <= tables
 
 
 def test_database_folder_and_files_are_private(tmp_path):
@@ -279,6 +279,25 @@ def test_sleep_runs_record_their_stages_and_reports(store):
         ledger.finish_run(failed, "running")
     with pytest.raises(StoreError, match="no sleep_runs row 99"):
         ledger.set_stage(99, "x")
+
+
+def test_the_dream_journal_keeps_each_nights_dreams(store):
+    ledger = store.sleep
+    assert ledger.last_dreaming_run() is None
+    first, second = ledger.start_run(), ledger.start_run()
+    ledger.add_dreams(first, [
+        {"question": "Where is Mary?", "source": "tonight", "reference": "Mary is in the attic.",
+         "confidence": 0.9, "score": 1.5, "kept": True, "reward": 0.75, "scales": [1.0, 0.0]},
+        {"question": "Who am I?", "source": "recollection", "reference": "", "confidence": 0.1,
+         "score": None, "kept": False, "reward": None, "scales": []},
+    ])
+    ledger.add_dreams(second, [])
+    assert ledger.last_dreaming_run() == first
+    journal = ledger.dreams(first)
+    assert [d["question"] for d in journal] == ["Where is Mary?", "Who am I?"]
+    assert journal[0]["kept"] is True and journal[0]["scales"] == [1.0, 0.0] and journal[0]["reward"] == 0.75
+    assert journal[1]["kept"] is False and journal[1]["score"] is None
+    assert ledger.dreams(second) == []
 
 
 def test_adapters_and_evaluations(store):

@@ -72,6 +72,11 @@ def report_page(report: Mapping, titles: Mapping[int, str], reason: str | None =
                        ("retention", "retention")):
         if report.get(key) is not None:
             lines.append(f"- **{label}**: {report[key]:.2f}")
+    dreaming = report.get("dreaming") or {}
+    if dreaming:
+        lines.append(f"- **dreams**: {dreaming.get('written', 0)} written, {dreaming.get('judged', 0)} judged, "
+                     f"{dreaming.get('kept', 0)} rehearsed; the {dreaming.get('chosen', 'consolidated')} block "
+                     "went forward")
     if report.get("seconds") is not None:
         lines.append(f"- **took**: {_duration(report['seconds'])}")
     sessions = report.get("sessions") or []

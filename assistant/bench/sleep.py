@@ -56,10 +56,15 @@ from assistant.sleep.cycle import SleepSettings
 from backends.base import BackendError
 
 Say = Callable[[str], None]
-CYCLE_VARIANTS: dict[str, Callable[[SleepSettings], SleepSettings]] = {
-    "sleep": lambda settings: settings,
+CYCLE_VARIANTS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # issue 4's, measured on night 1
     "distill_only": lambda settings: replace(settings, seeding=replace(settings.seeding, lti_every=0)),
 }
+DREAM_ABLATIONS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # issue 6's, measured on night 2
+    "no_dream": lambda settings: replace(settings, dreams=replace(settings.dreams, steps=0)),
+    "no_selection": lambda settings: replace(settings, dreams=replace(settings.dreams, selection="random")),
+    "no_noise": lambda settings: replace(settings, dreams=replace(settings.dreams, noise=0.0)),
+}
+ABLATION_NIGHT = 2  # block noise needs an earlier night's block to act on
 EVAL_BATCH = 32
 NIGHT_KEYS = ("recall", "seconds", "cpu_seconds", "peak_rss_mb", "status")  # a night's record, as a method's
 _MOVE = re.compile(r"^(?P<who>\w+) .*\bto the (?P<where>\w+)\.?$")
@@ -300,7 +305,8 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
                 _record(store, night, config.model)
                 span = Span()
                 report = sleep_cycle(paths, config, store, settings=settings, progress=progress)
-                record = {"night": number, "status": report.status, "reason": report.reason, **span.record()}
+                record = {"night": number, "status": report.status, "reason": report.reason, **span.record(),
+                          "chosen": report.dreaming.get("chosen"), "dreaming": report.dreaming}
                 if report.status == "rejected":  # what the night's adapter knew, though the gate kept it out
                     stack = blocks.load_stack(blocks.manifest_path(paths.home, report.adapter))
                     with _open(config, stack.adapters(), settings) as trainer:
@@ -417,13 +423,14 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     methods["sleep"] = {key: first[key] for key in NIGHT_KEYS}
     methods["finetune"] = isolated(finetuning, config, nights[0], first["seconds"], settings, say=say)
     for name, variant in CYCLE_VARIANTS.items():
-        if name != "sleep":
-            night = isolated(sleeping, config, nights[:1], variant(settings), None, say=say)["per_night"][0]
-            methods[name] = {key: night[key] for key in NIGHT_KEYS}
+        night = isolated(sleeping, config, nights[:1], variant(settings), None, say=say)["per_night"][0]
+        methods[name] = {key: night[key] for key in NIGHT_KEYS}
     floor, ceiling = methods["floor"]["recall"], methods["in_context"]["recall"]
     for method in methods.values():
         method["cr"] = consolidation_ratio(method["recall"], floor, ceiling)
         method["probes"] = len(nights[0].questions)
+    ablations = ablate(config, nights, settings, slept, say) if len(nights) >= ABLATION_NIGHT else {}
+    methods.update({name: row for name, row in ablations.items() if name != "sleep"})
     after = slept["in_context_after"]
     return {
         "methods": methods,
@@ -435,12 +442,32 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "nights": len(nights),
         "seconds_per_night": round(statistics.median(n["seconds"] for n in slept["per_night"]), 1),
         "per_night": slept["per_night"],
+        "ablations": ablations,
         "skipped": None,
     }
 
 
+def ablate(config: Config, nights: Sequence[Night], settings: SleepSettings, slept: dict, say: Say) -> dict:
+    """The dreaming ablations, each slept from scratch over the first ``ABLATION_NIGHT`` nights with
+    the same seeds as the full sleep, compared on that night's paraphrased probes (CR against that
+    night's own in-context and floor readings). The full sleep's row is its run's same night."""
+    night = nights[ABLATION_NIGHT - 1]
+    floor = isolated(reading, config, night, in_context=False, say=say)["recall"]
+    ceiling = isolated(reading, config, night, in_context=True, say=say)["recall"]
+    rows = {"sleep": slept["per_night"][ABLATION_NIGHT - 1]}
+    for name, variant in DREAM_ABLATIONS.items():
+        rows[name] = isolated(sleeping, config, nights[:ABLATION_NIGHT], variant(settings), None,
+                              say=say)["per_night"][-1]
+    result = {}
+    for name, row in rows.items():
+        result[name] = {key: row[key] for key in NIGHT_KEYS}
+        result[name].update(cr=consolidation_ratio(row["recall"], floor, ceiling), night=ABLATION_NIGHT,
+                            probes=len(night.questions), chosen=row.get("chosen"))
+    return result
+
+
 def skipped(reason: str) -> dict:
-    return {"methods": {}, "retention": None, "in_context_drop": None, "latest_recall": None, "nights": 0,
+    return {"methods": {}, "ablations": {}, "retention": None, "in_context_drop": None, "latest_recall": None, "nights": 0,
             "seconds_per_night": None, "per_night": [], "skipped": reason}
 
 
@@ -487,8 +514,11 @@ def results_table(result: dict) -> Table:
         if data["skipped"]:
             skipped.append(f"{name}: {data['skipped']}")
             continue
-        for method, row in data["methods"].items():
+        ablations = data.get("ablations") or {}
+        rows = [(m, r) for m, r in data["methods"].items() if m not in ablations] + list(ablations.items())
+        for method, row in rows:
             note = f" ({row['status']})" if "status" in row else ""
+            note += f", night {row['night']}" if "night" in row else ""
             table.add_row(name, method + note, _percent(row["recall"]), _number(row["cr"]),
                           f"{row['seconds']:.1f}", f"{row['cpu_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
         nights, drop = data["nights"], data["in_context_drop"]

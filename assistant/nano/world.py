@@ -81,9 +81,10 @@ def article(word: str) -> str:
 class World:
     """Generates sessions from the training or the held-out half of every pool."""
 
-    def __init__(self, seed: int, heldout: bool = False):
+    def __init__(self, seed: int, heldout: bool = False, invented_share: float = 0.35):
         self.rng = random.Random(seed)
         self.heldout = heldout
+        self.invented_share = invented_share
         pick = 1 if heldout else 0
         self.names = pools.split(pools.FIRST_NAMES)[pick]
         self.pet_names = pools.split(pools.PET_NAMES)[pick]
@@ -95,15 +96,18 @@ class World:
 
     # -- values -------------------------------------------------------------------------------
 
-    def invented(self, pool: list[str], share: float = 0.35) -> str:
+    def invented(self, pool: list[str], share: float | None = None) -> str:
         """A value from ``pool``; in training, often an invented word instead.
 
-        Invented words are random letter strings, so their tokens are arbitrary: a model can only
-        answer about them by copying from its context. That, not memorising a pool, is the skill
-        held-out evaluation (and later, sleep) depends on.
+        Invented words are random letter strings or splices of two pool words, so their tokens are
+        arbitrary but word-like: a model can only answer about them by copying from its context.
+        That, not memorising a pool, is the skill held-out evaluation (and later, sleep) depends on.
         """
-        if self.heldout or self.rng.random() >= share:
+        if self.heldout or self.rng.random() >= (self.invented_share if share is None else share):
             return self.rng.choice(pool)
+        if self.rng.random() < 0.5:
+            head, tail = self.rng.choice(pool), self.rng.choice(pool)
+            return head[: self.rng.randint(1, len(head))] + tail[self.rng.randint(0, len(tail) - 1) :]
         letters = []
         for position in range(self.rng.randint(2, 4)):
             onset = self.rng.choice(pools.CLUSTERS) if self.rng.random() < 0.25 else self.rng.choice(pools.CONSONANTS)
@@ -351,7 +355,7 @@ class World:
         people = [self.name() for _ in range(self.rng.randint(2, 5))]
         rooms: list[str] = []
         while len(rooms) < self.rng.randint(3, 6):
-            room = self.invented(self.rooms, 0.25)
+            room = self.invented(self.rooms)
             if room not in rooms:
                 rooms.append(room)
         where: dict[str, str] = {}
@@ -361,7 +365,7 @@ class World:
                 people_placed = [p for p in people if p in where]
                 if self.rng.random() < 0.1 and people_placed:
                     carrier = self.rng.choice(people_placed)
-                    thing = self.invented(self.objects, 0.25)
+                    thing = self.invented(self.objects)
                     pending.append(f"{carrier} left the {thing} in the {where[carrier]}.")
                     where[f"the {thing}"] = where[carrier]
                     continue

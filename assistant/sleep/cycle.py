@@ -9,6 +9,7 @@ killed at any point leaves the store and the live adapter exactly as they were.
 
 from __future__ import annotations
 
+import functools
 import random
 import secrets
 import time
@@ -18,8 +19,9 @@ from dataclasses import asdict, dataclass, field, replace
 from assistant.config import Config, Paths
 from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
-from assistant.sleep import blocks, lessons
-from assistant.sleep.gate import GateSettings, Probe, fits, judge
+from assistant.sleep import blocks, dreams, lessons, seeding
+from assistant.sleep.dreams import DreamSettings
+from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, measure
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
 from backends.base import BlockTrainer, LoraSpec, Sampling
@@ -34,6 +36,7 @@ class SleepSettings:
     spec: LoraSpec = LoraSpec()
     seeding: SeedingSettings = SeedingSettings()
     gate: GateSettings = GateSettings()
+    dreams: DreamSettings = DreamSettings()
     lr: float = 2e-3
     probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate
     question_samples: int = 3  # sampled question lists per session, besides the greedy one
@@ -55,6 +58,7 @@ class SleepReport:
     reason: str = ""
     run: int | None = None
     training: dict = field(default_factory=dict)
+    dreaming: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         return asdict(self)
@@ -68,14 +72,16 @@ def sleep_cycle(
     settings: SleepSettings = SleepSettings(),
     progress: Progress = lambda stage, fraction, message: None,
     open_trainer: Callable[..., BlockTrainer] | None = None,
+    dream_reward: seeding.Reward | None = None,
 ) -> SleepReport:
-    """Run one night and record it; the caller holds the sleep lock."""
+    """Run one night and record it; the caller holds the sleep lock. ``dream_reward`` replaces the
+    rehearsal's reward (tests give a deliberately bad one to see the gate catch it)."""
     started = time.time()
     ledger = store.sleep
     ledger.fail_interrupted_runs()
     run_id = ledger.start_run()
     try:
-        report = _night(paths, config, store, run_id, settings, progress, open_trainer)
+        report = _night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward)
     except BaseException as error:
         ledger.finish_run(run_id, "failed", error=str(error) or type(error).__name__)
         raise
@@ -85,7 +91,7 @@ def sleep_cycle(
     return report
 
 
-def _night(paths, config, store, run_id, settings, progress, open_trainer) -> SleepReport:
+def _night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward) -> SleepReport:
     ledger = store.sleep
     progress("select", 0.0, "looking for sessions to consolidate")
     pending = ledger.unconsolidated_sessions()
@@ -96,20 +102,20 @@ def _night(paths, config, store, run_id, settings, progress, open_trainer) -> Sl
         raise ModelError(f"sleep trains a Hugging Face model folder; {model.path} is a GGUF file")
     stack = blocks.live_stack(store)
     if open_trainer is None:
-        from backends.select import choose_engines, open_trainer
-        engine = choose_engines(config.backend)[1]
-        trainer = open_trainer(engine, model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
-                               seed=settings.seed)
-    else:
-        trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
-                               seed=settings.seed)
+        from backends.select import choose_engines
+        from backends.select import open_trainer as open_engine_trainer
+        open_trainer = functools.partial(open_engine_trainer, choose_engines(config.backend)[1])
+    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
+                           seed=settings.seed)
     try:
-        return _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model.ref)
+        return _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model.ref,
+                                     dream_reward)
     finally:
         trainer.close()
 
 
-def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model_ref):
+def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model_ref,
+                          dream_reward):
     ledger = store.sleep
     rng = random.Random(settings.seed + run_id)
     session_ids = [row["session_id"] for row in pending]
@@ -127,12 +133,20 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     rows += [Row(trainer.render_chat(_user(p["question"])), trainer.render_chat(_user(p["question"])),
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
     rows += _anchors(trainer, settings)
-    seeding = replace(settings.seeding, seed=settings.seed + run_id)
-    log = consolidate(trainer, rows, seeding,
-                      progress=lambda step, total: progress("consolidate", 0.1 + 0.7 * step / total,
+    log = consolidate(trainer, rows, replace(settings.seeding, seed=settings.seed + run_id),
+                      progress=lambda step, total: progress("consolidate", 0.1 + 0.55 * step / total,
                                                             f"step {step}/{total}"))
-    progress("gate", 0.8, f"asking {len(probes)} held-out question(s)")
-    verdict = judge(trainer, probes, old_probes, settings.gate)
+    consolidated = trainer.new_block_state()
+    dreamt = None
+    if settings.dreams.steps:
+        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, settings, run_id, progress,
+                        dream_reward)
+    progress("gate", 0.85, f"asking {len(probes)} held-out question(s)")
+    rehearsed = dreamt is not None and any(dream.kept for dream in dreamt.dreams)
+    verdict, dreaming = _gate(trainer, probes, old_probes, settings.gate, consolidated if rehearsed else None)
+    if dreamt is not None:
+        store.sleep.add_dreams(run_id, [d.journal() for d in dreamt.dreams])
+        dreaming = {**dreamt.summary(), "chosen": "consolidated", **dreaming}
     block_id = f"night{run_id:04d}-{secrets.token_hex(3)}"
     block = blocks.Block(block_id, blocks.block_dir(paths.home, block_id), tuple(session_ids), run_id)
     trainer.save_new_block(block.path)
@@ -154,17 +168,60 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     return SleepReport(
         "promoted" if verdict.promote else "rejected", version, session_ids, verdict.recall_before,
         verdict.recall_after, verdict.retention, verdict.in_context_before, verdict.in_context_after,
-        reason=verdict.reason, training=log.summary(),
+        reason=verdict.reason, training=log.summary(), dreaming=dreaming,
     )
 
 
-def _lessons(trainer, store, session_id, settings, rng) -> list[lessons.Lesson]:
+def _dream(trainer, store, stack, new_lessons, probes, old_probes, settings, run_id, progress,
+           reward) -> dreams.DreamLog:
+    """Stage 2 on a copy of the consolidated block, about tonight's sessions and a few older ones."""
+    rng = random.Random(settings.seed + run_id)
+    tonight = [dreams.Memory(lesson.session_id, lesson.context) for lesson in new_lessons]
+    older_ids = sorted({sid for block in stack.blocks for sid in block.sessions} - {m.session_id for m in tonight})
+    older = []
+    for session_id in sorted(rng.sample(older_ids, min(len(older_ids), settings.dreams.older_sessions))):
+        older += [dreams.Memory(session_id, lesson.context)
+                  for lesson in _lessons(trainer, store, session_id, settings, rng, questions=False)[:1]]
+    trainer.load_new_block_state(trainer.new_block_state(), lr=settings.dreams.lr)
+    dream_settings = replace(settings.dreams, seed=settings.seed + run_id)
+    return dreams.dream(
+        trainer, tonight, older, scales=[block.scale for block in stack.adapters()],
+        held_out={p.question for p in probes + old_probes}, settings=dream_settings,
+        reward=reward or seeding.imitation(settings.seeding.gamma, settings.seeding.threshold),
+        progress=lambda message, fraction: progress("dream", 0.65 + 0.2 * fraction, message),
+    )
+
+
+def _gate(trainer, probes, old_probes, settings, consolidated) -> tuple[Verdict, dict]:
+    """Judge the trainer's new block and, when ``consolidated`` weights are given (the block has
+    dreamt since), those too; keep the better in the trainer (a tie keeps the consolidated block:
+    dreaming must earn its place)."""
+    before = measure(trainer, probes, old_probes, settings, new_block=False)
+    after = decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes), settings)
+    if consolidated is None:
+        return after, {}
+    dreamt_state = trainer.new_block_state()
+    trainer.load_new_block_state(consolidated)
+    without = decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes), settings)
+    chosen = "dreamt" if better(after, without) else "consolidated"
+    if chosen == "dreamt":
+        trainer.load_new_block_state(dreamt_state)
+    return (after if chosen == "dreamt" else without), {
+        "chosen": chosen, "recall_consolidated": without.recall_after, "recall_dreamt": after.recall_after,
+        "dreamt_verdict": after.reason,
+    }
+
+
+def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) -> list[lessons.Lesson]:
     """The session's knowledge windows and, for each, the questions the teacher writes about it."""
     budget = trainer.context_length - 2 * GREEDY.max_tokens - 64
     messages = [m for m in store.messages(session_id) if m["status"] == "complete"]
     result = []
     for window in lessons.windows(messages, lambda ctx: len(trainer.encode(trainer.render_chat(ctx))) <= budget):
         context = lessons.knowledge_context(window)
+        if not questions:
+            result.append(lessons.Lesson(session_id, context))
+            continue
         request = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
         written = trainer.generate([request], QUESTION_LISTS, new_block=False)
         if settings.question_samples:

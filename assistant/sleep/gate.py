@@ -88,25 +88,56 @@ def in_context(trainer: BlockTrainer, settings: GateSettings, *, new_block: bool
     return sum(evaluate.answered(a, v) for a, v in zip(answers, values)) / max(len(values), 1)
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """What the gate measures of one model: tonight's recall, old recall, in-context reading."""
+
+    recall: float
+    old_recall: float | None
+    in_context: float
+
+
+def measure(
+    trainer: BlockTrainer, new_probes: Sequence[Probe], old_probes: Sequence[Probe], settings: GateSettings,
+    *, new_block: bool,
+) -> Measurement:
+    """The live stack (``new_block=False``) or a candidate (``True``) on the gate's probes."""
+    return Measurement(
+        recall(trainer, new_probes, new_block=new_block),
+        recall(trainer, old_probes, new_block=new_block) if old_probes else None,
+        in_context(trainer, settings, new_block=new_block),
+    )
+
+
+def decide(before: Measurement, after: Measurement, probes: int, settings: GateSettings) -> Verdict:
+    """Promote only if recall rises, old recall keeps its value and in-context reading holds."""
+    retention = 1.0 if not before.old_recall else (after.old_recall or 0.0) / before.old_recall
+    if not probes:
+        promote, reason = False, "no held-out question to judge recall by: kept the live adapter"
+    elif after.recall <= before.recall:
+        promote, reason = False, f"recall did not rise ({before.recall:.0%} -> {after.recall:.0%})"
+    elif retention < 1 - settings.retention_tolerance:
+        promote, reason = False, f"old memories faded (retention {retention:.0%})"
+    elif after.in_context < before.in_context - settings.in_context_tolerance:
+        promote, reason = False, f"in-context reading fell ({before.in_context:.0%} -> {after.in_context:.0%})"
+    else:
+        promote, reason = True, f"recall {before.recall:.0%} -> {after.recall:.0%}, retention {retention:.0%}"
+    return Verdict(promote, reason, before.recall, after.recall, retention, before.old_recall, after.old_recall,
+                   before.in_context, after.in_context, probes)
+
+
+def better(candidate: Verdict, incumbent: Verdict) -> bool:
+    """Whether ``candidate`` should go live instead of ``incumbent``: promotable, and either the
+    incumbent is not or the candidate recalls strictly more (a tie keeps the incumbent)."""
+    if not candidate.promote:
+        return False
+    return not incumbent.promote or candidate.recall_after > incumbent.recall_after
+
+
 def judge(
     trainer: BlockTrainer, new_probes: Sequence[Probe], old_probes: Sequence[Probe], settings: GateSettings
 ) -> Verdict:
     """Measure the live stack (new block off) and the candidate (new block on), then decide."""
-    before, after = recall(trainer, new_probes, new_block=False), recall(trainer, new_probes, new_block=True)
-    old_before = recall(trainer, old_probes, new_block=False) if old_probes else None
-    old_after = recall(trainer, old_probes, new_block=True) if old_probes else None
-    retention = 1.0 if not old_before else old_after / old_before
-    ic_before = in_context(trainer, settings, new_block=False)
-    ic_after = in_context(trainer, settings, new_block=True)
-    if not new_probes:
-        promote, reason = False, "no held-out question to judge recall by: kept the live adapter"
-    elif after <= before:
-        promote, reason = False, f"recall did not rise ({before:.0%} -> {after:.0%})"
-    elif retention < 1 - settings.retention_tolerance:
-        promote, reason = False, f"old memories faded (retention {retention:.0%})"
-    elif ic_after < ic_before - settings.in_context_tolerance:
-        promote, reason = False, f"in-context reading fell ({ic_before:.0%} -> {ic_after:.0%})"
-    else:
-        promote, reason = True, f"recall {before:.0%} -> {after:.0%}, retention {retention:.0%}"
-    return Verdict(promote, reason, before, after, retention, old_before, old_after, ic_before, ic_after,
-                   len(new_probes))
+    before = measure(trainer, new_probes, old_probes, settings, new_block=False)
+    after = measure(trainer, new_probes, old_probes, settings, new_block=True)
+    return decide(before, after, len(new_probes), settings)

@@ -30,6 +30,9 @@ from assistant.sleep import losses, rewards
 from backends.base import BlockTrainer, Sampling
 
 
+Reward = Callable[[str, str, float], float]  # (candidate, reference, teacher's judgement) -> reward
+
+
 @dataclass(frozen=True)
 class SeedingSettings:
     """The night's training budget and the paper's open hyperparameters (documented choices)."""
@@ -100,7 +103,7 @@ def consolidate(
     rows: Sequence[Row],
     settings: SeedingSettings,
     progress: Callable[[int, int], None] = lambda step, total: None,
-    reward_fn: Callable[[str, str, float], float] | None = None,
+    reward_fn: Reward | None = None,
 ) -> SeedingLog:
     """Train the new block for ``settings.steps`` steps; returns the curve for the report."""
     rng = random.Random(settings.seed)
@@ -157,20 +160,43 @@ def _lti_step(
     settings: SeedingSettings,
     rng: random.Random,
     marker: str,
-    reward_fn: Callable[[str, str, float], float] | None,
+    reward_fn: Reward | None,
 ) -> float:
     """Learning to imitate: complete a random prefix of the teacher's answer; reward the likeness."""
     answer_tokens = trainer.encode(row.answer)
     cut = rng.randint(0, max(0, len(answer_tokens) - 1))
-    prefix_text = trainer.decode(answer_tokens[:cut])
     sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
                         seed=rng.randrange(2**31))
+    reward = reward_fn or imitation(settings.gamma, settings.threshold)
+    scored = imitate(trainer, row, trainer.decode(answer_tokens[:cut]), group=settings.lti_group,
+                     sampling=sampling, reward=reward, weight=1 - settings.alpha, marker=marker)
+    return sum(scored) / len(scored)
+
+
+def imitation(gamma: float, threshold: float) -> Reward:
+    """The LTI reward: gamma * r_sem + (1 - gamma) * thresholded Levenshtein likeness."""
+    return lambda candidate, reference, semantic: rewards.imitation_reward(
+        candidate, reference, gamma=gamma, threshold=threshold, semantic=semantic)
+
+
+def imitate(
+    trainer: BlockTrainer,
+    row: Row,
+    prefix_text: str,
+    *,
+    group: int,
+    sampling: Sampling,
+    reward: Reward,
+    weight: float,
+    marker: str,
+) -> list[float]:
+    """One small-batch policy-gradient step: the student completes ``prefix_text`` after its prompt
+    ``group`` times, each sample is rewarded against the teacher's answer, and the advantages are
+    normalised within the group (GRPO-style). Returns the rewards."""
     prompt = row.student_prompt + prefix_text
-    samples = trainer.generate([prompt] * settings.lti_group, sampling, new_block=True)
+    samples = trainer.generate([prompt] * group, sampling, new_block=True)
     completions = [trainer.encode(text + marker) for text in samples]
     semantic = teacher_judgement(trainer, row, [prefix_text + s for s in samples], marker)
-    reward = reward_fn or (lambda candidate, reference, sem: rewards.imitation_reward(
-        candidate, reference, gamma=settings.gamma, threshold=settings.threshold, semantic=sem))
     scored = [reward(prefix_text + sample, row.answer, sem) for sample, sem in zip(samples, semantic)]
     ops = trainer.ops
     advantages = losses.group_advantages(ops, ops.asarray(scored))
@@ -178,17 +204,25 @@ def _lti_step(
 
     def loss_fn(logits, targets, mask):
         logprobs = losses.completion_logprobs(ops, logits, targets)
-        return (1 - settings.alpha) * losses.policy_gradient_loss(ops, logprobs, advantages, mask)
+        return weight * losses.policy_gradient_loss(ops, logprobs, advantages, mask)
 
     if max(scored) > min(scored):  # an all-equal group has zero advantage: nothing to learn from it
         trainer.train_step([prefix_ids] * len(completions), completions, loss_fn)
-    return sum(scored) / len(scored)
+    return scored
 
 
 def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str], marker: str) -> list[float]:
     """r_sem: the teacher's mean per-token probability of each candidate, given the session."""
+    return mean_token_probability(trainer, [row.teacher_ids] * len(candidates), candidates, marker)
+
+
+def mean_token_probability(
+    trainer: BlockTrainer, prefixes: Sequence[Sequence[int]], candidates: Sequence[str], marker: str
+) -> list[float]:
+    """How sure the teacher (frozen blocks only) is of each candidate after its prefix: the
+    geometric mean of its per-token probabilities, end-of-turn included."""
     completions = [trainer.encode(c + marker) for c in candidates]
-    logits, mask = trainer.completion_logits([row.teacher_ids] * len(candidates), completions, new_block=False)
+    logits, mask = trainer.completion_logits(prefixes, completions, new_block=False)
     ops = trainer.ops
     logprobs = losses.completion_logprobs(ops, logits, _pad(completions))
     totals = ops.sum(logprobs * mask, axis=-1)

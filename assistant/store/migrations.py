@@ -120,3 +120,25 @@ def m003_sleep_cycle(db: Database) -> None:
         foreign_keys=[("adapter_id", "adapters", "id"), ("sleep_run_id", "sleep_runs", "id")],
         not_null={"metric", "value", "created"},
     )
+
+
+@migration
+def m004_dream_journal(db: Database) -> None:
+    db["dreams"].create(
+        {
+            "id": int,
+            "sleep_run_id": int,
+            "question": str,
+            "source": str,
+            "reference": str,
+            "confidence": float,
+            "score": float,
+            "kept": int,
+            "reward": float,
+            "scales": str,
+        },
+        pk="id",
+        foreign_keys=[("sleep_run_id", "sleep_runs", "id")],
+        not_null={"sleep_run_id", "question", "source", "kept"},
+    )
+    db["dreams"].create_index(["sleep_run_id"])

@@ -7,7 +7,7 @@ messages to consolidate, so ``adapter_sessions`` records the last message each a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from assistant.store.connection import StoreError
@@ -192,6 +192,24 @@ class SleepLedger:
                 "AND (:run IS NULL OR sleep_run_id = :run) ORDER BY id",
                 {"adapter": adapter_id, "run": sleep_run_id},
             ))
+
+    def add_dreams(self, run_id: int, dreams: Sequence[Mapping]) -> None:
+        """The night's dream journal: each dream, its reference, score, whether it was kept, its reward."""
+        rows = [{**dream, "sleep_run_id": run_id, "kept": int(bool(dream["kept"])),
+                 "scales": json.dumps(list(dream.get("scales") or []))} for dream in dreams]
+        with self._store.transaction() as db:
+            db["dreams"].insert_all(rows, alter=False)
+
+    def dreams(self, run_id: int) -> list[dict]:
+        with self._store.reading() as db:
+            rows = list(db.query("SELECT * FROM dreams WHERE sleep_run_id = ? ORDER BY id", [run_id]))
+        for row in rows:
+            row["kept"], row["scales"] = bool(row["kept"]), json.loads(row["scales"] or "[]")
+        return rows
+
+    def last_dreaming_run(self) -> int | None:
+        with self._store.reading() as db:
+            return db.execute("SELECT max(sleep_run_id) FROM dreams").fetchone()[0]
 
     def _update(self, table: str, row_id: int, changes: Mapping) -> None:
         with self._store.transaction() as db:

@@ -1,0 +1,329 @@
+"""Dreaming: once consolidation is done, the model rehearses what it learnt on exercises it writes.
+
+Stage 2 of a night, in the paper's order, on a copy of the consolidated block (two-stage isolation:
+the cycle keeps the consolidated weights, and the gate later promotes whichever is better):
+
+1. write: the consolidated model (new block on) samples questions about the night's memories, with
+   noise over the frozen blocks of earlier nights (the paper's "random expert"): each draw drops or
+   rescales old blocks at random, so dreams mix old and new memories. A draw writes about
+   - one of tonight's sessions (new phrasings of what it was told),
+   - one of tonight's sessions joined with a session of an earlier night (old and new together),
+   - what it recalls being told, with no session in context at all (its own memory, under noise);
+2. judge: the teacher (the pre-sleep model as it is) answers each dream with each memory in its
+   context. An answer counts only if the teacher is confident of it *and* the memory is what makes
+   it confident (the same answer is several times less likely with no memory in context: a teacher
+   answering from a memory that does not hold the fact is confident too, but not because of the
+   memory). The reference is the newest such memory's answer (a newer fact supersedes an older
+   one); a dream no memory answers this way is discarded: there are no gold answers;
+3. select: each dream is scored by the norm of the new block's gradient of its supervised loss
+   (how much the consolidated model still has to learn from it); the top k and b random others
+   are kept ("random" selection, the ablation, keeps k + b at random);
+4. rehearse: small-batch RL on the kept dreams, GRPO-style as in LTI (a group of samples per dream,
+   group-normalised advantages, the same imitation reward against the teacher's reference).
+
+The gradient norm was chosen over alignment with held-out probes' gradients: those probes are the
+gate's, and scoring dreams by them would train on the gate's questions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from assistant.sleep import lessons, losses, seeding
+from assistant.sleep.rewards import normalise_answer
+from backends.base import BlockTrainer, Sampling
+
+SOURCES = ("tonight", "combined", "recollection")
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    """How much the night dreams. ``steps = 0`` turns dreaming off; ``noise = 0`` turns off the noise."""
+
+    draws: int = 4  # noise draws; each writes one question list per source
+    noise: float = 0.5  # share of old blocks dropped (half of it) or rescaled by up to +-noise
+    selection: str = "gradient"  # or "random": the ablation without gradient selection
+    keep_top: int = 8
+    keep_random: int = 4
+    steps: int = 24  # rehearsal steps, one dream and a group of samples each
+    group: int = 4
+    confidence: float = 0.5  # the teacher's least mean token probability for a reference
+    grounding: float = 2.0  # how many times likelier the memory must make the reference than no memory
+    lr: float = 1e-3  # the rehearsal's learning rate (the copy's own optimiser)
+    temperature: float = 1.0
+    max_tokens: int = 96
+    older_sessions: int = 3  # sessions of earlier nights dreamt about beside tonight's
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A session's knowledge as the teacher hears it, oldest first in every list of memories."""
+
+    session_id: int
+    context: list[dict]
+
+
+@dataclass
+class Dream:
+    question: str
+    source: str
+    scales: list[float]
+    reference: str = ""
+    confidence: float | None = None
+    session_id: int | None = None
+    score: float | None = None
+    kept: bool = False
+    reward: float | None = None
+    teacher_prompt: str = ""
+
+    def journal(self) -> dict:
+        """The dream as the journal stores it."""
+        return {"question": self.question, "source": self.source, "reference": self.reference,
+                "confidence": self.confidence, "score": self.score, "kept": self.kept,
+                "reward": self.reward, "scales": self.scales}
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+def block_noise(scales: Sequence[float], amount: float, rng: random.Random) -> list[float]:
+    """Random scales for the frozen blocks: each is dropped with probability ``amount / 2`` and
+    otherwise rescaled by a factor in [1 - amount, 1 + amount] (a dropped block comes back at 1)."""
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"block noise must be in [0, 1], not {amount}")
+    if amount == 0.0:
+        return list(scales)
+    noisy = []
+    for scale in scales:
+        if rng.random() < amount / 2:
+            noisy.append(0.0)
+        else:
+            noisy.append((scale or 1.0) * rng.uniform(1 - amount, 1 + amount))
+    return noisy
+
+
+def select(scores: Sequence[float], top: int, extra: int, rng: random.Random) -> list[int]:
+    """Indices kept, sorted: the ``top`` highest scores plus ``extra`` random others."""
+    if top + extra >= len(scores):
+        return list(range(len(scores)))
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:top] + rng.sample(ranked[top:], extra))
+
+
+def newest_grounded(
+    with_memory: Sequence[float], without: Sequence[float], confidence: float, grounding: float
+) -> int | None:
+    """Index of the newest (last) memory whose answer the teacher gives with probability at least
+    ``confidence``, and at least ``grounding`` times its probability with no memory; or None."""
+    for index in range(len(with_memory) - 1, -1, -1):
+        if with_memory[index] >= confidence and with_memory[index] >= grounding * without[index]:
+            return index
+    return None
+
+
+def well_formed(question: str, max_words: int = 16) -> bool:
+    """One short question: a single sentence ending in its only question mark."""
+    body = question.strip()
+    return (body.endswith("?") and body.count("?") == 1 and ". " not in body
+            and 2 <= len(body.split()) <= max_words and body[0].isupper())
+
+
+# -- the steps --------------------------------------------------------------------------------------
+
+
+def write(
+    trainer: BlockTrainer,
+    tonight: Sequence[Memory],
+    older: Sequence[Memory],
+    scales: Sequence[float],
+    settings: DreamSettings,
+    rng: random.Random,
+) -> list[Dream]:
+    """Sample question lists with the new block on, one noise draw at a time; scales are restored."""
+    dreams: list[Dream] = []
+    try:
+        for _ in range(settings.draws):
+            noisy = block_noise(scales, settings.noise, rng)
+            trainer.set_block_scales(noisy)
+            sampling = Sampling(max_tokens=settings.max_tokens, temperature=settings.temperature,
+                                seed=rng.randrange(2**31))
+            recalled = trainer.generate([trainer.render_chat(_user(lessons.RESTATE_REQUEST))], sampling,
+                                        new_block=True)[0].strip()
+            new = rng.choice(tonight)
+            contexts = {"tonight": new.context}
+            if recalled:
+                contexts["recollection"] = _heard(recalled)
+            if older:
+                joined = _heard(_said(rng.choice(older).context) + "\n" + _said(new.context))
+                if _fits(trainer, joined):
+                    contexts["combined"] = joined
+            sources = [source for source in SOURCES if source in contexts]
+            prompts = [trainer.render_chat(contexts[s] + _user(lessons.QUESTION_REQUEST)) for s in sources]
+            written = trainer.generate(prompts, replace(sampling, seed=sampling.seed + 1), new_block=True)
+            for source, text in zip(sources, written):
+                dreams += [Dream(q, source, [round(s, 3) for s in noisy])
+                           for q in lessons.parse_questions(text) if well_formed(q)]
+    finally:
+        trainer.set_block_scales(scales)
+    return dreams
+
+
+def judge(
+    trainer: BlockTrainer, dreams: Sequence[Dream], memories: Sequence[Memory], settings: DreamSettings
+) -> list[Dream]:
+    """Give each dream the teacher's reference from the newest memory it is grounded in (see the
+    module's notes); the dreams no memory grounds keep an empty reference."""
+    marker = seeding.end_of_turn(trainer)
+    pairs = [(dream, memory) for dream in dreams for memory in memories]
+    prompts = [trainer.render_chat(memory.context + _user(dream.question)) for dream, memory in pairs]
+    bare = [trainer.render_chat(_user(dream.question)) for dream, _ in pairs]
+    greedy = Sampling(max_tokens=48, temperature=0.0)
+    answers, sure, unaided = [], [], []
+    for start in range(0, len(prompts), 32):
+        chunk = slice(start, start + 32)
+        texts = [text.strip() for text in trainer.generate(prompts[chunk], greedy, new_block=False)]
+        answers += texts
+        sure += seeding.mean_token_probability(trainer, [trainer.encode(p) for p in prompts[chunk]], texts, marker)
+        unaided += seeding.mean_token_probability(trainer, [trainer.encode(p) for p in bare[chunk]], texts, marker)
+    for index, dream in enumerate(dreams):
+        row = slice(index * len(memories), (index + 1) * len(memories))
+        with_memory = [c if a else 0.0 for a, c in zip(answers[row], sure[row])]
+        best = newest_grounded(with_memory, unaided[row], settings.confidence, settings.grounding)
+        dream.confidence = round(max(with_memory, default=0.0), 4)
+        if best is not None:
+            dream.reference = answers[row][best]
+            dream.session_id = memories[best].session_id
+            dream.confidence = round(with_memory[best], 4)
+            dream.teacher_prompt = prompts[row][best]
+    return list(dreams)
+
+
+def score(trainer: BlockTrainer, dreams: Sequence[Dream]) -> None:
+    """Each dream's gradient norm on the new block: the supervised loss of its reference."""
+    marker = seeding.end_of_turn(trainer)
+    ops = trainer.ops
+
+    def loss_fn(logits, targets, mask):
+        logprobs = losses.completion_logprobs(ops, logits, targets)
+        return -ops.sum(logprobs * mask) / ops.sum(mask)
+
+    for dream in dreams:
+        prompt = trainer.encode(trainer.render_chat(_user(dream.question)))
+        dream.score = round(trainer.gradient_norm([prompt], [trainer.encode(dream.reference + marker)], loss_fn), 5)
+
+
+def rehearse(
+    trainer: BlockTrainer,
+    dreams: Sequence[Dream],
+    settings: DreamSettings,
+    rng: random.Random,
+    reward: seeding.Reward,
+    progress: Callable[[int, int], None] = lambda step, total: None,
+) -> None:
+    """GRPO-style steps on the kept dreams, in shuffled rounds; each dream's mean reward is kept."""
+    marker = seeding.end_of_turn(trainer)
+    rows = [seeding.Row(d.teacher_prompt, trainer.render_chat(_user(d.question)), d.reference, question=d.question)
+            for d in dreams]
+    seeding.prepare(trainer, rows, marker)
+    earned: dict[int, list[float]] = {index: [] for index in range(len(rows))}
+    order: list[int] = []
+    for step in range(settings.steps):
+        if not order:
+            order = rng.sample(range(len(rows)), len(rows))
+        index = order.pop()
+        sampling = Sampling(max_tokens=48, temperature=settings.temperature, seed=rng.randrange(2**31))
+        earned[index] += seeding.imitate(trainer, rows[index], "", group=settings.group, sampling=sampling,
+                                         reward=reward, weight=1.0, marker=marker)
+        progress(step + 1, settings.steps)
+    for index, dream in enumerate(dreams):
+        if earned[index]:
+            dream.reward = round(sum(earned[index]) / len(earned[index]), 4)
+
+
+@dataclass
+class DreamLog:
+    dreams: list[Dream] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        judged = [d for d in self.dreams if d.reference]
+        kept = [d for d in judged if d.kept]
+        rewards = [d.reward for d in kept if d.reward is not None]
+        return {"written": len(self.dreams), "judged": len(judged), "kept": len(kept),
+                "reward_mean": round(sum(rewards) / len(rewards), 4) if rewards else None,
+                "seconds": round(self.seconds, 1)}
+
+
+def dream(
+    trainer: BlockTrainer,
+    tonight: Sequence[Memory],
+    older: Sequence[Memory],
+    *,
+    scales: Sequence[float],
+    held_out: set[str],
+    settings: DreamSettings,
+    reward: seeding.Reward,
+    progress: Callable[[str, float], None] = lambda message, fraction: None,
+) -> DreamLog:
+    """Write, judge, select and rehearse (the new block must already be the consolidated copy).
+
+    ``held_out`` are the gate's questions: a dream that happens to ask one is dropped, so the gate
+    still measures recall on questions the night never trained on."""
+    started = time.perf_counter()
+    log = _dream(trainer, tonight, older, scales, held_out, settings, reward, progress)
+    log.seconds = time.perf_counter() - started
+    return log
+
+
+def _dream(trainer, tonight, older, scales, held_out, settings, reward, progress) -> DreamLog:
+    rng = random.Random(settings.seed)
+    progress("writing dreams", 0.0)
+    written = write(trainer, tonight, older, scales, settings, rng)
+    unique: dict[str, Dream] = {}
+    banned = {normalise_answer(q) for q in held_out}
+    for candidate in written:
+        key = normalise_answer(candidate.question)
+        if key not in banned:
+            unique.setdefault(key, candidate)
+    log = DreamLog(list(unique.values()))
+    if not log.dreams:
+        return log
+    progress(f"judging {len(log.dreams)} dream(s)", 0.2)
+    judged = [d for d in judge(trainer, log.dreams, list(older) + list(tonight), settings) if d.reference]
+    if not judged:
+        return log
+    progress(f"scoring {len(judged)} dream(s)", 0.35)
+    if settings.selection == "gradient":
+        score(trainer, judged)
+        kept = select([d.score for d in judged], settings.keep_top, settings.keep_random, rng)
+    elif settings.selection == "random":
+        kept = select([0.0] * len(judged), 0, settings.keep_top + settings.keep_random, rng)
+    else:
+        raise ValueError(f"unknown dream selection {settings.selection!r} (gradient or random)")
+    for index in kept:
+        judged[index].kept = True
+    rehearse(trainer, [judged[i] for i in kept], settings, rng, reward,
+             progress=lambda step, total: progress(f"rehearsing, step {step}/{total}", 0.4 + 0.6 * step / total))
+    return log
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _heard(text: str) -> list[dict]:
+    """A context in which the user said ``text`` (the shape of ``lessons.knowledge_context``)."""
+    return lessons.knowledge_context([{"role": "user", "content": text}])
+
+
+def _said(context: Sequence[dict]) -> str:
+    return "\n".join(m["content"] for m in context if m["role"] == "user")
+
+
+def _fits(trainer: BlockTrainer, context: list[dict]) -> bool:
+    prompt = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
+    return len(trainer.encode(prompt)) + 2 * 96 <= trainer.context_length

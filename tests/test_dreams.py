@@ -1,0 +1,97 @@
+"""Dreaming's pure parts: block noise, selection, choosing the teacher's reference, the journal."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from assistant.sleep import dreams
+
+
+def test_no_noise_leaves_the_scales_alone():
+    assert dreams.block_noise([1.0, 0.5, 1.0], 0.0, random.Random(0)) == [1.0, 0.5, 1.0]
+
+
+def test_noise_drops_and_rescales_blocks_within_its_amount():
+    rng = random.Random(1)
+    draws = [dreams.block_noise([1.0] * 4, 0.5, rng) for _ in range(500)]
+    values = [v for draw in draws for v in draw]
+    dropped = sum(v == 0.0 for v in values) / len(values)
+    assert 0.2 < dropped < 0.3  # half the amount
+    kept = [v for v in values if v]
+    assert min(kept) >= 0.5 and max(kept) <= 1.5
+    assert len({round(v, 3) for v in kept}) > 100  # really rescaled, not just on or off
+
+
+def test_noise_brings_a_dropped_block_back():
+    draws = [dreams.block_noise([0.0], 0.2, random.Random(seed)) for seed in range(50)]
+    assert any(draw[0] > 0.7 for draw in draws)
+
+
+def test_noise_must_be_a_share():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        dreams.block_noise([1.0], 1.5, random.Random(0))
+
+
+def test_selection_keeps_the_top_scores_and_some_random_others():
+    scores = [0.1, 0.9, 0.3, 0.8, 0.2, 0.05, 0.7]
+    kept = dreams.select(scores, 2, 2, random.Random(0))
+    assert len(kept) == 4 and kept == sorted(kept)
+    assert {1, 3} <= set(kept)
+    others = {tuple(dreams.select(scores, 2, 2, random.Random(seed))) for seed in range(20)}
+    assert len(others) > 1  # the random part varies with the seed
+
+
+def test_selection_keeps_everything_when_there_are_few():
+    assert dreams.select([0.3, 0.1], 2, 2, random.Random(0)) == [0, 1]
+
+
+def test_the_newest_memory_that_grounds_the_answer_gives_the_reference():
+    # (with the memory, without any memory): confident and made likelier by the memory
+    assert dreams.newest_grounded([0.9, 0.2, 0.7], [0.1, 0.1, 0.1], 0.5, 2.0) == 2
+    assert dreams.newest_grounded([0.9, 0.2, 0.4], [0.1, 0.1, 0.1], 0.5, 2.0) == 0
+    assert dreams.newest_grounded([0.1, 0.2], [0.0, 0.0], 0.5, 2.0) is None
+    assert dreams.newest_grounded([], [], 0.5, 2.0) is None
+
+
+def test_a_confident_answer_the_memory_does_not_explain_is_no_reference():
+    # the newest memory's answer is as likely without it: the teacher is guessing, not reading
+    assert dreams.newest_grounded([0.9, 0.95], [0.1, 0.9], 0.5, 2.0) == 0
+
+
+@pytest.mark.parametrize("question, ok", [
+    ("Where is Mary?", True),
+    ("What is my sister's name?", True),
+    ("What do for a florist. What is my June1. What date is my dog?", False),
+    ("Where does Stefan do for a livingok partner Siga. Where do I live?", False),
+    ("Mary moved to the kitchen.", False),
+    ("va is aboutimaruva do for a living?", False),
+    ("Why?", False),
+    ("What " + "very " * 20 + "long question is this?", False),
+])
+def test_only_one_short_question_makes_a_dream(question, ok):
+    assert dreams.well_formed(question) is ok
+
+
+def test_the_journal_summary_counts_what_happened():
+    log = dreams.DreamLog([
+        dreams.Dream("Where is Mary?", "tonight", [], reference="Mary is in the hall.", kept=True, reward=0.5),
+        dreams.Dream("Where is John?", "combined", [1.0], reference="John is in the attic.", kept=True, reward=1.0),
+        dreams.Dream("What is my dog called?", "recollection", [0.0], reference="Your dog is called Rex."),
+        dreams.Dream("Who am I?", "recollection", [1.2]),
+    ])
+    assert log.summary() == {"written": 4, "judged": 3, "kept": 2, "reward_mean": 0.75, "seconds": 0.0}
+    record = log.dreams[1].journal()
+    assert record["scales"] == [1.0] and record["kept"] is True and record["source"] == "combined"
+
+
+def test_the_apps_sleep_report_sums_up_the_dreams():
+    from tui import pages
+
+    report = {"status": "promoted", "adapter": 3, "reason": "recall 0% -> 50%", "recall_before": 0.0,
+              "recall_after": 0.5, "sessions": [4], "seconds": 70,
+              "dreaming": {"written": 12, "judged": 9, "kept": 6, "chosen": "dreamt"}}
+    page = pages.report_page(report, {4: "my sister"})
+    assert "12 written, 9 judged, 6 rehearsed; the dreamt block went forward" in page
+    assert "dreams" not in pages.report_page({**report, "dreaming": {}}, {})
