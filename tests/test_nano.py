@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif(not (NANO_DIR / "model.safetensors").is_file(), 
 
 GREEDY = Sampling(max_tokens=40, temperature=0.0)
 
-# The shipped nano model (4,000 steps, 51 minutes here) has only begun to copy unseen names from its
-# context: `somnus bench model` measures how far it is from the bar. These tests state the target;
-# strict, so they fail loudly (and the marker must go) the day the model reaches it.
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="nano copies unseen names unreliably (issue 3)")
+# The shipped nano model copies unseen names from its context, but in stories it often answers with
+# the room mentioned last instead of the asked person's (`somnus bench model` measures how far it is
+# from the bar). The marked test states the target; strict, so it fails loudly (and the marker must
+# go) the day the model reaches it.
+BELOW_TARGET = pytest.mark.xfail(strict=True, reason="nano often answers with the last room mentioned (issue 3)")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,6 @@ def test_the_tokenizer_round_trips_text_and_the_chat_template():
     assert tokenizer.eos_token == "<|im_end|>"
 
 
-@BELOW_TARGET
 def test_the_shipped_model_answers_from_its_context(nano):
     messages = [
         {"role": "user", "content": "My sister is called Freya. I live in Turin."},
@@ -67,11 +67,19 @@ def test_the_shipped_model_answers_from_its_context(nano):
     assert "Freya" in reply
 
 
-@BELOW_TARGET
 def test_the_shipped_model_reads_a_babi_story(nano):
     story = "Mary moved to the bathroom.\nJohn went to the hallway.\nMary travelled to the office.\nWhere is Mary?"
     reply = "".join(nano.stream(nano.render_chat([{"role": "user", "content": story}]), GREEDY))
     assert evaluate.answered(reply, "office") and not evaluate.answered(reply, "bathroom")
+
+
+@BELOW_TARGET
+def test_the_shipped_model_finds_the_asked_persons_room_not_the_last_one(nano):
+    replies = []
+    for first, second in [("Mary", "John"), ("Sandra", "Daniel"), ("John", "Mary")]:
+        story = f"{first} moved to the bathroom.\n{second} went to the hallway.\nWhere is {first}?"
+        replies.append("".join(nano.stream(nano.render_chat([{"role": "user", "content": story}]), GREEDY)))
+    assert all(evaluate.answered(reply, "bathroom") for reply in replies), replies
 
 
 def test_the_shipped_model_writes_answerable_questions(nano):
