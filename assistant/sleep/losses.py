@@ -17,7 +17,12 @@ import math
 from backends.ops import ArrayOps
 
 # The paper leaves these open; they are starting points to be measured, not tuned results.
-JSD_BETA = 0.5  # symmetric JSD is bounded by ln 2: a student missing the teacher's tokens cannot blow it up
+# Forward KL(teacher || student), the beta = 0 end. Measured on the nano model (8 held-out facts, 60
+# steps, everything else the night's defaults): recall of held-out phrasings 100% with beta = 0 and
+# 12.5% with the symmetric beta = 0.5. A bounded divergence saturates exactly where a new fact sits:
+# when the student gives the teacher's token almost no mass, JSD(0.5) is near ln 2 and its gradient
+# near 0, while forward KL keeps pulling.
+JSD_BETA = 0.0
 SEEDING_ALPHA = 0.5  # both terms are per-token means of similar scale (JSD <= ln 2, advantages of unit spread)
 
 
