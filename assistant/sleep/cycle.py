@@ -40,7 +40,7 @@ class SleepSettings:
     lr: float = 2e-3
     probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate
     question_samples: int = 3  # sampled question lists per session, besides the greedy one
-    anchors: int = 24  # generic rows that pin the model's everyday behaviour
+    anchors: int = 48  # generic rows that pin the model's everyday behaviour
     seed: int = 0
 
 
@@ -132,15 +132,16 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                   if trainer.render_chat(_user(p["question"])) not in asked_tonight]
     rows += [Row(trainer.render_chat(_user(p["question"])), trainer.render_chat(_user(p["question"])),
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
-    rows += _anchors(trainer, settings)
+    anchors = _anchors(trainer, settings)
+    rows += anchors
     log = consolidate(trainer, rows, replace(settings.seeding, seed=settings.seed + run_id),
                       progress=lambda step, total: progress("consolidate", 0.1 + 0.55 * step / total,
                                                             f"step {step}/{total}"))
     consolidated = trainer.new_block_state()
     dreamt = None
     if settings.dreams.steps:
-        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, settings, run_id, progress,
-                        dream_reward)
+        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, settings, run_id,
+                        progress, dream_reward)
     progress("gate", 0.85, f"asking {len(probes)} held-out question(s)")
     rehearsed = dreamt is not None and any(dream.kept for dream in dreamt.dreams)
     verdict, dreaming = _gate(trainer, probes, old_probes, settings.gate, consolidated if rehearsed else None)
@@ -172,7 +173,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     )
 
 
-def _dream(trainer, store, stack, new_lessons, probes, old_probes, settings, run_id, progress,
+def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, settings, run_id, progress,
            reward) -> dreams.DreamLog:
     """Stage 2 on a copy of the consolidated block, about tonight's sessions and a few older ones."""
     rng = random.Random(settings.seed + run_id)
@@ -184,10 +185,18 @@ def _dream(trainer, store, stack, new_lessons, probes, old_probes, settings, run
                   for lesson in _lessons(trainer, store, session_id, settings, rng, questions=False)[:1]]
     trainer.load_new_block_state(trainer.new_block_state(), lr=settings.dreams.lr)
     dream_settings = replace(settings.dreams, seed=settings.seed + run_id)
+    marker = seeding.end_of_turn(trainer)
+    size = max(1, round(settings.seeding.batch_size * settings.seeding.anchor_share))
+
+    def anchor() -> float:
+        return seeding.distill_step(trainer, rng.sample(anchors, min(size, len(anchors))), settings.seeding, rng,
+                                    marker)
+
     return dreams.dream(
         trainer, tonight, older, scales=[block.scale for block in stack.adapters()],
         held_out={p.question for p in probes + old_probes}, settings=dream_settings,
         reward=reward or seeding.imitation(settings.seeding.gamma, settings.seeding.threshold),
+        anchor=anchor if anchors else None,
         progress=lambda message, fraction: progress("dream", 0.65 + 0.2 * fraction, message),
     )
 
@@ -256,11 +265,13 @@ def _teach(trainer, new_lessons) -> tuple[list[Row], list[Probe]]:
 
 
 def _anchors(trainer, settings) -> list[Row]:
-    """Everyday prompts (small talk, reading a story in context) and the pre-sleep model's answers."""
+    """Everyday prompts (small talk, reading facts and stories in context) and the pre-sleep model's
+    answers: a night that teaches answering from memory must not unteach reading the context."""
     world = World(settings.seed + 17)
     chats = []
+    kinds = (world.small_talk_session, world.story_session, world.facts_session)
     for index in range(settings.anchors):
-        session = world.small_talk_session() if index % 3 == 0 else world.story_session()
+        session = kinds[index % 3]()
         cut = session.probes[0].at if session.probes else 1
         chats.append(session.chat()[:cut])
     prompts = [prompt for prompt in map(trainer.render_chat, chats) if fits(trainer, prompt)]

@@ -52,7 +52,7 @@ class DreamSettings:
     group: int = 4
     confidence: float = 0.5  # the teacher's least mean token probability for a reference
     grounding: float = 2.0  # how many times likelier the memory must make the reference than no memory
-    lr: float = 1e-3  # the rehearsal's learning rate (the copy's own optimiser)
+    lr: float = 2e-4  # the rehearsal's learning rate (the copy's own optimiser)
     temperature: float = 1.0
     max_tokens: int = 96
     older_sessions: int = 3  # sessions of earlier nights dreamt about beside tonight's
@@ -222,9 +222,13 @@ def rehearse(
     settings: DreamSettings,
     rng: random.Random,
     reward: seeding.Reward,
+    anchor: Callable[[], float] | None = None,
     progress: Callable[[int, int], None] = lambda step, total: None,
 ) -> None:
-    """GRPO-style steps on the kept dreams, in shuffled rounds; each dream's mean reward is kept."""
+    """GRPO-style steps on the kept dreams, in shuffled rounds; each dream's mean reward is kept.
+
+    ``anchor`` (one distillation step towards the pre-sleep model on everyday prompts) follows every
+    step, as GRPO's KL term to its reference model: rehearsing memories must not unteach reading."""
     marker = seeding.end_of_turn(trainer)
     rows = [seeding.Row(d.teacher_prompt, trainer.render_chat(_user(d.question)), d.reference, question=d.question)
             for d in dreams]
@@ -238,6 +242,8 @@ def rehearse(
         sampling = Sampling(max_tokens=48, temperature=settings.temperature, seed=rng.randrange(2**31))
         earned[index] += seeding.imitate(trainer, rows[index], "", group=settings.group, sampling=sampling,
                                          reward=reward, weight=1.0, marker=marker)
+        if anchor is not None:
+            anchor()
         progress(step + 1, settings.steps)
     for index, dream in enumerate(dreams):
         if earned[index]:
@@ -267,6 +273,7 @@ def dream(
     held_out: set[str],
     settings: DreamSettings,
     reward: seeding.Reward,
+    anchor: Callable[[], float] | None = None,
     progress: Callable[[str, float], None] = lambda message, fraction: None,
 ) -> DreamLog:
     """Write, judge, select and rehearse (the new block must already be the consolidated copy).
@@ -274,12 +281,12 @@ def dream(
     ``held_out`` are the gate's questions: a dream that happens to ask one is dropped, so the gate
     still measures recall on questions the night never trained on."""
     started = time.perf_counter()
-    log = _dream(trainer, tonight, older, scales, held_out, settings, reward, progress)
+    log = _dream(trainer, tonight, older, scales, held_out, settings, reward, anchor, progress)
     log.seconds = time.perf_counter() - started
     return log
 
 
-def _dream(trainer, tonight, older, scales, held_out, settings, reward, progress) -> DreamLog:
+def _dream(trainer, tonight, older, scales, held_out, settings, reward, anchor, progress) -> DreamLog:
     rng = random.Random(settings.seed)
     progress("writing dreams", 0.0)
     written = write(trainer, tonight, older, scales, settings, rng)
@@ -306,7 +313,7 @@ def _dream(trainer, tonight, older, scales, held_out, settings, reward, progress
         raise ValueError(f"unknown dream selection {settings.selection!r} (gradient or random)")
     for index in kept:
         judged[index].kept = True
-    rehearse(trainer, [judged[i] for i in kept], settings, rng, reward,
+    rehearse(trainer, [judged[i] for i in kept], settings, rng, reward, anchor,
              progress=lambda step, total: progress(f"rehearsing, step {step}/{total}", 0.4 + 0.6 * step / total))
     return log
 

@@ -47,7 +47,7 @@ class SeedingSettings:
     lti_every: int = 2  # one LTI step after every this many distillation steps (0: no LTI)
     lti_group: int = 4  # samples per prefix: the group of the group-normalised advantage
     replay_share: float = 0.25  # of each batch, rows from earlier nights' prompts
-    anchor_share: float = 0.125  # of each batch, generic rows anchored to the pre-sleep model
+    anchor_share: float = 0.25  # of each batch, generic rows anchored to the pre-sleep model
     sample_temperature: float = 1.0
     max_answer_tokens: int = 48
     seed: int = 0
@@ -115,7 +115,7 @@ def consolidate(
     log = SeedingLog()
     for step in range(settings.steps):
         batch = _batch(pools, settings, rng)
-        log.distill_losses.append(_distill_step(trainer, batch, settings, rng, marker))
+        log.distill_losses.append(distill_step(trainer, batch, settings, rng, marker))
         if settings.lti_every and (step + 1) % settings.lti_every == 0:
             log.lti_rewards.append(_lti_step(trainer, rng.choice(pools["new"]), settings, rng, marker, reward_fn))
         progress(step + 1, settings.steps)
@@ -132,7 +132,7 @@ def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.R
     return batch
 
 
-def _distill_step(
+def distill_step(
     trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str
 ) -> float:
     """Generalized JSD on a mix of the student's samples and the teacher's answers."""
