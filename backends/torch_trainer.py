@@ -191,8 +191,9 @@ class TorchBlockTrainer:
             for param, saved in zip(self.new_parameters, state, strict=True):
                 param.copy_(saved)
         self.optimizer.state.clear()  # Adam's moments belonged to the other weights
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] if lr is None else lr
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
     def save_new_block(self, path: Path) -> None:
         write_peft_block(

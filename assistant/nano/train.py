@@ -1,8 +1,8 @@
 """Train Somnus nano from a seed: ``python -m assistant.nano.train --out DIR``.
 
 A plain loop in the spirit of nanoGPT: the world generator writes sessions, the tokenizer is trained
-on them, and a small Llama learns to answer from its context (loss on the assistant's turns only,
-as in supervised chat fine-tuning). Deterministic for a given seed and step count on a machine.
+on them, and a small Llama learns to answer from its context (full loss on the assistant's turns,
+a lighter one on the user's: see ``encode``). Deterministic for a given seed and step count on a machine.
 """
 
 from __future__ import annotations

@@ -140,8 +140,8 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     consolidated = trainer.new_block_state()
     dreamt = None
     if settings.dreams.steps:
-        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, settings, run_id,
-                        progress, dream_reward)
+        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, consolidated, settings,
+                        run_id, progress, dream_reward)
     progress("gate", 0.85, f"asking {len(probes)} held-out question(s)")
     rehearsed = dreamt is not None and any(dream.kept for dream in dreamt.dreams)
     verdict, dreaming = _gate(trainer, probes, old_probes, settings.gate, consolidated if rehearsed else None)
@@ -173,8 +173,8 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     )
 
 
-def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, settings, run_id, progress,
-           reward) -> dreams.DreamLog:
+def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, consolidated, settings, run_id,
+           progress, reward) -> dreams.DreamLog:
     """Stage 2 on a copy of the consolidated block, about tonight's sessions and a few older ones."""
     rng = random.Random(settings.seed + run_id)
     tonight = [dreams.Memory(lesson.session_id, lesson.context) for lesson in new_lessons]
@@ -183,7 +183,7 @@ def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, sett
     for session_id in sorted(rng.sample(older_ids, min(len(older_ids), settings.dreams.older_sessions))):
         older += [dreams.Memory(session_id, lesson.context)
                   for lesson in _lessons(trainer, store, session_id, settings, rng, questions=False)[:1]]
-    trainer.load_new_block_state(trainer.new_block_state(), lr=settings.dreams.lr)
+    trainer.load_new_block_state(consolidated, lr=settings.dreams.lr)  # the copy, with its own optimiser
     dream_settings = replace(settings.dreams, seed=settings.seed + run_id)
     marker = seeding.end_of_turn(trainer)
     size = max(1, round(settings.seeding.batch_size * settings.seeding.anchor_share))

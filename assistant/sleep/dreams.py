@@ -161,7 +161,7 @@ def write(
                 contexts["recollection"] = _heard(recalled)
             if older:
                 joined = _heard(_said(rng.choice(older).context) + "\n" + _said(new.context))
-                if _fits(trainer, joined):
+                if _fits(trainer, joined, settings.max_tokens):
                     contexts["combined"] = joined
             sources = [source for source in SOURCES if source in contexts]
             prompts = [trainer.render_chat(contexts[s] + _user(lessons.QUESTION_REQUEST)) for s in sources]
@@ -182,7 +182,8 @@ def judge(
     marker = seeding.end_of_turn(trainer)
     pairs = [(dream, memory) for dream in dreams for memory in memories]
     prompts = [trainer.render_chat(memory.context + _user(dream.question)) for dream, memory in pairs]
-    bare = [trainer.render_chat(_user(dream.question)) for dream, _ in pairs]
+    bare = [trainer.encode(trainer.render_chat(_user(dream.question))) for dream in dreams]
+    bare_ids = [bare[index // len(memories)] for index in range(len(pairs))]  # pairs run dream by dream
     greedy = Sampling(max_tokens=48, temperature=0.0)
     answers, sure, unaided = [], [], []
     for start in range(0, len(prompts), 32):
@@ -190,7 +191,7 @@ def judge(
         texts = [text.strip() for text in trainer.generate(prompts[chunk], greedy, new_block=False)]
         answers += texts
         sure += seeding.mean_token_probability(trainer, [trainer.encode(p) for p in prompts[chunk]], texts, marker)
-        unaided += seeding.mean_token_probability(trainer, [trainer.encode(p) for p in bare[chunk]], texts, marker)
+        unaided += seeding.mean_token_probability(trainer, bare_ids[chunk], texts, marker)
     for index, dream in enumerate(dreams):
         row = slice(index * len(memories), (index + 1) * len(memories))
         with_memory = [c if a else 0.0 for a, c in zip(answers[row], sure[row])]
@@ -333,6 +334,6 @@ def _said(context: Sequence[dict]) -> str:
     return "\n".join(m["content"] for m in context if m["role"] == "user")
 
 
-def _fits(trainer: BlockTrainer, context: list[dict]) -> bool:
+def _fits(trainer: BlockTrainer, context: list[dict], max_tokens: int) -> bool:
     prompt = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
-    return len(trainer.encode(prompt)) + 2 * 96 <= trainer.context_length
+    return len(trainer.encode(prompt)) + 2 * max_tokens <= trainer.context_length
