@@ -9,6 +9,7 @@ name that changes with the weights: a retrained model is never served from a sta
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -27,6 +28,7 @@ NANO_DIR = Path(__file__).resolve().parent / "nano" / "model"
 TRAIN_NANO = "python -m assistant.nano.train"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
+_MIB = 1 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -41,6 +43,26 @@ class Model:
     ref: str
     kind: str
     path: Path
+
+    @functools.cached_property
+    def weights(self) -> str:
+        """An id of the weights themselves, so adapters grown on them are never worn by others.
+
+        The reference alone is not enough: ``nano`` names whatever model this release bundles, and a
+        folder can be retrained in place. Reading each weights file's size and its first and last
+        MiB tells apart any two trainings, costs milliseconds even for large models, and survives
+        a reinstall that copies the same bytes with new modification times.
+        """
+        files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.safetensors"))
+        digest = hashlib.sha256()
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.name}\0{size}\0".encode())
+            with file.open("rb") as handle:
+                digest.update(handle.read(_MIB))
+                handle.seek(max(0, size - _MIB))
+                digest.update(handle.read(_MIB))
+        return digest.hexdigest()[:16]
 
 
 def resolve_model(ref: str, paths: Paths) -> Model:
@@ -166,7 +188,7 @@ def open_chat_backend(config: Config, paths: Paths, store=None) -> tuple[Backend
     if store is not None:
         from assistant.sleep.blocks import live_adapters
 
-        backend.set_adapters(live_adapters(store, model.ref))
+        backend.set_adapters(live_adapters(store, model))
     return backend, model
 
 

@@ -55,6 +55,19 @@ def test_a_model_folder_resolves_to_its_absolute_path(paths, tiny_model_dir, mon
     assert model.kind == "folder" and model.path == tiny_model_dir and model.ref == str(tiny_model_dir)
 
 
+def test_the_weights_id_follows_the_bytes_not_the_file_dates(paths, own_copy, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    weights = own_copy / "model.safetensors"
+    os.utime(weights, (0, 0))  # a reinstall copies the same bytes with new dates
+    assert resolve_model(str(own_copy), paths).weights == resolve_model(str(tiny_model_dir), paths).weights
+    tensors = load_file(weights)
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name] + 1  # a retraining in place: same shapes, other numbers
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert resolve_model(str(own_copy), paths).weights != resolve_model(str(tiny_model_dir), paths).weights
+
+
 def test_folders_that_are_not_models_are_named(paths, own_copy):
     (own_copy / "model.safetensors").unlink()
     with pytest.raises(ModelError, match=f"{own_copy} has no .safetensors weights"):

@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from assistant.config import load_config, open_paths
-from assistant.sleep import runner
+from assistant.models import resolve_model
+from assistant.sleep import blocks, runner
 from assistant.store import open_store
 
 
@@ -100,3 +101,20 @@ def test_a_sleep_killed_mid_night_changes_nothing_and_the_next_one_succeeds(tmp_
     with open_store(paths, config) as store:
         first = store.sleep.run(1)
     assert first["status"] == "failed" and first["error"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    paths, config = record_day(home, tiny_model_dir)
+    model = resolve_model(str(tiny_model_dir), paths)
+    stale = blocks.Block("night0001-stale", blocks.block_dir(paths.home, "night0001-stale"), (99,), None)
+    manifest = blocks.save_stack(paths.home, blocks.Stack(1, (stale,), None, {"model": model.ref, "weights": "retrained"}))
+    with open_store(paths, config) as store:
+        store.sleep.promote(store.sleep.add_adapter(1, str(manifest)), {})
+        assert blocks.live_adapters(store, model) == []  # the chat does not wear them
+    report = runner.sleep_now(paths, config, steps=2)  # an empty block folder: loading it would fail
+    assert report.adapter == 2 and report.sessions == [1]
+    grown = json.loads((home / "adapters" / "v0002.json").read_text())
+    assert [block["sessions"] for block in grown["blocks"]] == [[1]]
+    assert (grown["model"], grown["weights"]) == (model.ref, model.weights)

@@ -364,6 +364,7 @@ async def test_sleep_runs_beside_the_chat_with_progress_and_a_report(app_home):
 
 def train_and_promote_a_block(model_dir, reply: str) -> int:
     """What a night that goes well leaves behind: a trained block, its manifest, a promoted version."""
+    from assistant.models import resolve_model
     from assistant.sleep import blocks
     from backends import ops
     from backends.select import open_trainer
@@ -383,7 +384,8 @@ def train_and_promote_a_block(model_dir, reply: str) -> int:
     finally:
         trainer.close()
     stack = blocks.empty_stack().grown(block, 1)
-    manifest = blocks.save_stack(paths.home, blocks.Stack(1, stack.blocks, None, {"model": str(model_dir)}))
+    model = resolve_model(str(model_dir), paths)
+    manifest = blocks.save_stack(paths.home, blocks.Stack(1, stack.blocks, None, {"model": str(model_dir), "weights": model.weights}))
     with Store(paths.database) as store:
         adapter = store.sleep.add_adapter(1, str(manifest))
         store.sleep.promote(adapter, {1: store.messages(1)[-1]["id"]})

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant.config import ensure_private_dir
+from assistant.models import Model
 from backends.base import Adapter
 
 
@@ -97,10 +98,15 @@ def live_stack(store) -> Stack:
     return load_stack(Path(live["path"])) if live else empty_stack()
 
 
-def live_adapters(store, model_ref: str) -> list[Adapter]:
+def live_adapters(store, model: Model) -> list[Adapter]:
     """What the chat engine attaches: the live stack, if it was grown on this very model."""
     stack = live_stack(store)
-    return stack.adapters() if stack.blocks and stack.extra.get("model") == model_ref else []
+    return stack.adapters() if stack.blocks and grown_on(stack, model) else []
+
+
+def grown_on(stack: Stack, model: Model) -> bool:
+    """Whether the stack's blocks were trained on these very weights (a block means nothing to others)."""
+    return stack.extra.get("model") == model.ref and stack.extra.get("weights") == model.weights
 
 
 def empty_stack() -> Stack:

@@ -101,6 +101,11 @@ def _night(paths, config, store, run_id, settings, progress, open_trainer, dream
     if model.kind == "gguf":
         raise ModelError(f"sleep trains a Hugging Face model folder; {model.path} is a GGUF file")
     stack = blocks.live_stack(store)
+    if stack.blocks and not blocks.grown_on(stack, model):
+        # Blocks trained on other weights mean nothing to these: grow a fresh stack. The old one
+        # stays on disk (and in `somnus adapters`) for the model it was grown on.
+        progress("select", 0.0, "the live adapter was grown on another model: starting a new stack")
+        stack = blocks.empty_stack()
     if open_trainer is None:
         from backends.select import choose_engines
         from backends.select import open_trainer as open_engine_trainer
@@ -108,13 +113,13 @@ def _night(paths, config, store, run_id, settings, progress, open_trainer, dream
     trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
                            seed=settings.seed)
     try:
-        return _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model.ref,
+        return _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model,
                                      dream_reward)
     finally:
         trainer.close()
 
 
-def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model_ref,
+def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model,
                           dream_reward):
     ledger = store.sleep
     rng = random.Random(settings.seed + run_id)
@@ -154,7 +159,8 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     version = ledger.next_version()
     grown = stack.grown(block, version)
     grown = replace(grown, extra={
-        "model": model_ref,
+        "model": model.ref,
+        "weights": model.weights,
         "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in rows if r.kind == "new"],
         "probes": [asdict(p) for p in old_probes + probes],
         "verdict": verdict.record(),
