@@ -350,9 +350,20 @@ class World:
              "walked to the", "ran to the")
 
     def story_session(self) -> Session:
-        """People moving between rooms, told in chunks; "Where is X?" is answered by the latest move."""
+        """People moving between rooms, told in chunks; "Where is X?" is answered by the latest move.
+
+        Half of the questions ask about someone other than the last one to move (when there is
+        one), so that "the room mentioned last" is right only about a third of the time. At the
+        first generator's rate (60%), the model settled on that shortcut instead of learning to
+        find the asked person's latest move, and answered bAbI, where it is right 53% of the time,
+        at 46%.
+        """
         session = Session(kind="story")
-        people = [self.name() for _ in range(self.rng.randint(2, 5))]
+        people: list[str] = []
+        while len(people) < self.rng.randint(3, 6):
+            person = self.name()
+            if person not in people:
+                people.append(person)
         rooms: list[str] = []
         while len(rooms) < self.rng.randint(3, 6):
             room = self.invented(self.rooms)
@@ -360,6 +371,7 @@ class World:
                 rooms.append(room)
         where: dict[str, str] = {}
         pending: list[str] = []
+        last = ""
         for _ in range(self.rng.randint(4, 8)):
             for _ in range(self.rng.randint(1, 3)):
                 people_placed = [p for p in people if p in where]
@@ -367,14 +379,15 @@ class World:
                     carrier = self.rng.choice(people_placed)
                     thing = self.invented(self.objects)
                     pending.append(f"{carrier} left the {thing} in the {where[carrier]}.")
-                    where[f"the {thing}"] = where[carrier]
+                    where[f"the {thing}"] = last = where[carrier]
                     continue
                 who = self.rng.choice(people)
                 to = self.rng.choice([r for r in rooms if r != where.get(who)])
                 pending.append(f"{who} {self.rng.choice(self.MOVES)} {to}.")
-                where[who] = to
+                where[who] = last = to
             if self.rng.random() < 0.75 or not pending:
-                subject = self.rng.choice(sorted(where))
+                elsewhere = sorted(s for s in where if where[s] != last)
+                subject = self.rng.choice(elsewhere if elsewhere and self.rng.random() < 0.5 else sorted(where))
                 question = f"Where is {subject}?"
                 answer = f"{subject[0].upper() + subject[1:]} is in the {where[subject]}."
                 session.say("user", self._join(pending + [question]))
