@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from assistant.sleep import dreams
+from assistant.sleep import dreams, losses, seeding
+from backends.base import LoraSpec, Sampling
 
 
 def test_no_noise_leaves_the_scales_alone():
@@ -95,3 +97,28 @@ def test_the_apps_sleep_report_sums_up_the_dreams():
     page = pages.report_page(report, {4: "my sister"})
     assert "12 written, 9 judged, 6 rehearsed; the dreamt block went forward" in page
     assert "dreams" not in pages.report_page({**report, "dreaming": {}}, {})
+
+
+def test_a_guided_rehearsal_learns_a_reference_no_sample_reaches(tiny_model_dir):
+    from backends.torch_trainer import TorchBlockTrainer
+
+    trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu")
+    marker = seeding.end_of_turn(trainer)
+    prompt = trainer.render_chat([{"role": "user", "content": "Where does Zara live?"}])
+    row = seeding.Row(prompt, prompt, "Zara lives in Porto.")
+    seeding.prepare(trainer, [row], marker)
+    exact = lambda candidate, reference, semantic: float(candidate == reference)  # noqa: E731
+    sampling = Sampling(max_tokens=12, temperature=1.0, seed=1)
+
+    def likelihood() -> float:  # the student's log-probability of the reference
+        logits, _ = trainer.completion_logits([row.student_ids], [row.answer_ids], new_block=True)
+        return float(losses.completion_logprobs(trainer.ops, logits, torch.tensor([row.answer_ids])).sum())
+
+    before = likelihood()
+    plain = seeding.imitate(trainer, row, "", group=4, sampling=sampling, reward=exact, weight=1.0, marker=marker)
+    assert plain == [0.0] * 4 and likelihood() == before  # an all-equal group teaches nothing
+    for _ in range(3):
+        guided = seeding.imitate(trainer, row, "", group=4, sampling=sampling, reward=exact, weight=1.0,
+                                 marker=marker, guide=True)
+        assert len(guided) == 4  # the student's own rewards, for the journal
+    assert likelihood() > before + 1.0

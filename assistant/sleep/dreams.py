@@ -19,7 +19,9 @@ the cycle keeps the consolidated weights, and the gate later promotes whichever 
    (how much the consolidated model still has to learn from it); the top k and b random others
    are kept ("random" selection, the ablation, keeps k + b at random);
 4. rehearse: small-batch RL on the kept dreams, GRPO-style as in LTI (a group of samples per dream,
-   group-normalised advantages, the same imitation reward against the teacher's reference).
+   group-normalised advantages, the same imitation reward against the teacher's reference), with
+   the reference itself as one more member of each group, so a dream the student cannot yet answer
+   at all still teaches it something.
 
 The gradient norm was chosen over alignment with held-out probes' gradients: those probes are the
 gate's, and scoring dreams by them would train on the gate's questions.
@@ -50,6 +52,7 @@ class DreamSettings:
     keep_random: int = 4
     steps: int = 24  # rehearsal steps, one dream and a group of samples each
     group: int = 4
+    guide: bool = True  # the teacher's reference joins each group (see ``seeding.imitate``)
     confidence: float = 0.5  # the teacher's least mean token probability for a reference
     grounding: float = 2.0  # how many times likelier the memory must make the reference than no memory
     # The rehearsal's own rate. Measured on the bench's first generated night: at 1e-3 the dreamt copy's
@@ -244,7 +247,7 @@ def rehearse(
         index = order.pop()
         sampling = Sampling(max_tokens=48, temperature=settings.temperature, seed=rng.randrange(2**31))
         earned[index] += seeding.imitate(trainer, rows[index], "", group=settings.group, sampling=sampling,
-                                         reward=reward, weight=1.0, marker=marker)
+                                         reward=reward, weight=1.0, marker=marker, guide=settings.guide)
         if anchor is not None:
             anchor()
         progress(step + 1, settings.steps)

@@ -189,12 +189,19 @@ def imitate(
     reward: Reward,
     weight: float,
     marker: str,
+    guide: bool = False,
 ) -> list[float]:
     """One small-batch policy-gradient step: the student completes ``prefix_text`` after its prompt
     ``group`` times, each sample is rewarded against the teacher's answer, and the advantages are
-    normalised within the group (GRPO-style). Returns the rewards."""
+    normalised within the group (GRPO-style). Returns the rewards of the student's samples.
+
+    With ``guide``, the teacher's own answer joins the group as one more member (off-policy
+    guidance, as in mixed-policy GRPO): when no sample comes near the reference, a plain group is
+    all-equal and teaches nothing, while the guided one still pushes towards the reference."""
     prompt = row.student_prompt + prefix_text
-    samples = trainer.generate([prompt] * group, sampling, new_block=True)
+    samples = list(trainer.generate([prompt] * group, sampling, new_block=True))
+    if guide:
+        samples.append(row.answer.removeprefix(prefix_text))
     completions = [trainer.encode(text + marker) for text in samples]
     semantic = teacher_judgement(trainer, row, [prefix_text + s for s in samples], marker)
     scored = [reward(prefix_text + sample, row.answer, sem) for sample, sem in zip(samples, semantic)]
@@ -208,7 +215,7 @@ def imitate(
 
     if max(scored) > min(scored):  # an all-equal group has zero advantage: nothing to learn from it
         trainer.train_step([prefix_ids] * len(completions), completions, loss_fn)
-    return scored
+    return scored[:group]
 
 
 def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str], marker: str) -> list[float]:
