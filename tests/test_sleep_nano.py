@@ -4,6 +4,7 @@ and the gate refuses an adapter that does harm."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 
@@ -12,10 +13,10 @@ import pytest
 from assistant.config import load_config, open_paths
 from assistant.models import NANO_DIR, open_chat_backend
 from assistant.nano import evaluate
-from assistant.sleep import dreams, losses, rewards
+from assistant.sleep import cycle, dreams, lessons, losses, rewards
 from assistant.sleep.cycle import SleepSettings, sleep_cycle
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.seeding import SeedingSettings
+from assistant.sleep.seeding import Row, SeedingSettings
 from assistant.sleep.gate import GateSettings, Probe, judge
 from assistant.store import open_store
 from backends.base import Sampling
@@ -29,8 +30,8 @@ pytestmark = [
 GREEDY = Sampling(max_tokens=40, temperature=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="the night's block costs the nano model more in-context reading than the "
-                                       "gate allows, so it is rejected (issues 3 and 4)")
+@pytest.mark.xfail(strict=True, reason="a night of this one short session does not raise the nano model's recall "
+                                       "of its held-out probes, so the gate rejects it (issue 4)")
 def test_sleep_learns_the_users_words_not_the_assistants_mistake(tmp_path):
     paths = open_paths(tmp_path / "home")
     config = load_config(paths).with_overrides(model="nano", backend="torch")
@@ -139,3 +140,22 @@ def _night_probes(paths, report):
 
     stack = blocks.load_stack(blocks.manifest_path(paths.home, report.adapter))
     return [Probe(**p) for p in stack.extra["probes"]]
+
+
+def test_contrary_anchors_are_tonights_questions_over_sessions_that_say_otherwise():
+    told = {1: ("My sister is called Zara.", "What is my sister's name?", "Your sister is called Zara."),
+            2: ("I live in Porto.", "Where do I live?", "You live in Porto.")}
+    trainer = open_trainer("torch", NANO_DIR)
+    try:
+        night = [lessons.Lesson(sid, lessons.knowledge_context([{"role": "user", "content": said}]), [question])
+                 for sid, (said, question, _) in told.items()]
+        rows = [Row("", "", answer, question=question) for _, question, answer in told.values()]
+        anchors = cycle._contrary(trainer, night, rows, 4, random.Random(0))
+    finally:
+        trainer.close()
+    assert len(anchors) == 2
+    swapped = {"My sister is called Porto.": "Porto", "I live in Zara.": "Zara"}
+    for anchor in anchors:
+        assert anchor.kind == "anchor" and anchor.teacher_prompt == anchor.student_prompt
+        [value] = [value for said, value in swapped.items() if said in anchor.student_prompt]
+        assert value in anchor.answer  # the pre-sleep model read the session that says otherwise
