@@ -143,3 +143,13 @@ def test_without_a_babi_file_the_babi_part_says_so(tiny_run):
     assert "no bAbI file" in babi["skipped"] and "--babi" in babi["skipped"]
     assert babi["methods"] == {} and babi["nights"] == 0 and report["babi_file"] is None
     assert "no bAbI file" in stderr  # the table says it too
+
+
+@pytest.mark.slow
+def test_the_table_shows_the_first_night_and_the_ablations_night(tiny_run):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(bench.results_table(tiny_run[0]))
+    lines = [line for line in console.export_text().splitlines() if "│ generated │ sleep" in line]
+    assert len(lines) == 2 and "night 2" not in lines[0] and "night 2" in lines[1]

@@ -515,7 +515,9 @@ def results_table(result: dict) -> Table:
             skipped.append(f"{name}: {data['skipped']}")
             continue
         ablations = data.get("ablations") or {}
-        rows = [(m, r) for m, r in data["methods"].items() if m not in ablations] + list(ablations.items())
+        # Night 1's methods, then the ablations' night (whose ``sleep`` is the full sleep's same night).
+        rows = [(m, r) for m, r in data["methods"].items() if m == "sleep" or m not in ablations]
+        rows += list(ablations.items())
         for method, row in rows:
             note = f" ({row['status']})" if "status" in row else ""
             note += f", night {row['night']}" if "night" in row else ""
