@@ -359,16 +359,8 @@ class World:
         at 46%.
         """
         session = Session(kind="story")
-        people: list[str] = []
-        while len(people) < self.rng.randint(3, 6):
-            person = self.name()
-            if person not in people:
-                people.append(person)
-        rooms: list[str] = []
-        while len(rooms) < self.rng.randint(3, 6):
-            room = self.invented(self.rooms)
-            if room not in rooms:
-                rooms.append(room)
+        people = self._distinct(self.name)
+        rooms = self._distinct(lambda: self.invented(self.rooms))
         where: dict[str, str] = {}
         pending: list[str] = []
         last = ""
@@ -407,6 +399,15 @@ class World:
             session.say("user", self.rng.choice(RESTATE_REQUESTS))
             session.say("assistant", " ".join(f"{p} is in the {where[p]}." for p in people_there))
         return session
+
+    def _distinct(self, draw) -> list[str]:
+        """3 to 6 different values of ``draw()``."""
+        values: list[str] = []
+        while len(values) < self.rng.randint(3, 6):
+            value = draw()
+            if value not in values:
+                values.append(value)
+        return values
 
     # -- small talk ---------------------------------------------------------------------------
 

@@ -301,15 +301,14 @@ def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Ran
     if not count:
         return []
     owner = {question: lesson for lesson in new_lessons for question in lesson.train_prompts}
-    said = [(lesson.session_id, "\n".join(m["content"] for m in lesson.context)) for lesson in new_lessons]
+    said = {id(lesson): lessons.said(lesson.context) for lesson in new_lessons}
     found = []
     for row in rows:
         lesson = owner.get(row.question)
         if row.kind != "new" or lesson is None:
             continue
-        others = [text for sid, text in said if sid != lesson.session_id]
-        own = "\n".join(m["content"] for m in lesson.context)
-        values = counterfactual.values(row.answer, row.question, own, others)
+        others = [said[id(other)] for other in new_lessons if other.session_id != lesson.session_id]
+        values = counterfactual.values(row.answer, row.question, said[id(lesson)], others)
         if values:
             found.append((row, lesson, values[-1]))  # the value ends the answer: "... is called Zara."
     world = World(rng.randrange(2**31))  # stand-in values, for a night of one session

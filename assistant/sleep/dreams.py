@@ -163,7 +163,7 @@ def write(
             if recalled:
                 contexts["recollection"] = _heard(recalled)
             if older:
-                joined = _heard(_said(rng.choice(older).context) + "\n" + _said(new.context))
+                joined = _heard(lessons.said(rng.choice(older).context) + "\n" + lessons.said(new.context))
                 if _fits(trainer, joined, settings.max_tokens):
                     contexts["combined"] = joined
             sources = [source for source in SOURCES if source in contexts]
@@ -331,10 +331,6 @@ def _user(text: str) -> list[dict]:
 def _heard(text: str) -> list[dict]:
     """A context in which the user said ``text`` (the shape of ``lessons.knowledge_context``)."""
     return lessons.knowledge_context([{"role": "user", "content": text}])
-
-
-def _said(context: Sequence[dict]) -> str:
-    return "\n".join(m["content"] for m in context if m["role"] == "user")
 
 
 def _fits(trainer: BlockTrainer, context: list[dict], max_tokens: int) -> bool:

@@ -39,6 +39,11 @@ def knowledge_context(messages: Sequence[dict]) -> list[dict]:
     return [{"role": "user", "content": "\n".join(said)}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
 
 
+def said(context: Sequence[dict]) -> str:
+    """The user's words in a context, one turn per line (a knowledge context's single turn)."""
+    return "\n".join(m["content"] for m in context if m["role"] == "user")
+
+
 def windows(messages: Sequence[dict], fits: Callable[[list[dict]], bool], overlap: int = 2) -> list[list[dict]]:
     """Split a session's user turns into windows whose context ``fits``, consecutive ones overlapping."""
     turns = [m for m in messages if m["role"] == "user" and m["content"].strip()]
