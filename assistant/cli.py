@@ -293,7 +293,7 @@ def model_use(ctx: typer.Context, ref: Annotated[str, typer.Argument(metavar="MO
 def sleep_command(
     ctx: typer.Context,
     now: Annotated[bool, typer.Option("--now", help="Sleep now: consolidate the sessions not yet learnt.")] = False,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the night's budget).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: the night's budget).")] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Consolidate recent sessions into a new adapter block, gated by recall and retention."""

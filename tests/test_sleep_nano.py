@@ -107,6 +107,13 @@ def test_a_night_dreams_after_consolidating_and_keeps_a_journal(tmp_path):
     assert summary["written"] == len(journal) > 0
     assert summary["kept"] == sum(d["kept"] for d in journal) > 0
     assert summary["chosen"] in ("consolidated", "dreamt")
+    checkpoints = report.training["checkpoints"]
+    assert [c["steps"] for c in checkpoints] == [13, 27, 40]  # the gate judged each third of the training
+    chosen = [c for c in checkpoints if c["chosen"]]
+    if summary["chosen"] == "consolidated":
+        assert len(chosen) == 1 and chosen[0]["recall"] == report.recall_after == summary["recall_consolidated"]
+    else:
+        assert not chosen and report.recall_after == summary["recall_dreamt"]
     kept = [d for d in journal if d["kept"]]
     assert all(d["reference"] and d["score"] is not None and d["reward"] is not None for d in kept)
     assert all(d["question"].endswith("?") for d in journal)
