@@ -118,3 +118,31 @@ def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(tmp_path, t
     grown = json.loads((home / "adapters" / "v0002.json").read_text())
     assert [block["sessions"] for block in grown["blocks"]] == [[1]]
     assert (grown["model"], grown["weights"]) == (model.ref, model.weights)
+
+
+@pytest.mark.slow
+def test_a_night_on_the_mlx_engine_goes_through_the_same_cycle(tmp_path, tiny_model_dir):
+    """The orchestration is written once: the MLX trainer consolidates, and the gate judges its
+    checkpoints at every scale, exactly as on torch."""
+    pytest.importorskip("mlx.core")
+    import functools
+
+    from assistant.sleep.cycle import SleepSettings, sleep_cycle
+    from assistant.sleep.dreams import DreamSettings
+    from assistant.sleep.gate import GateSettings
+    from assistant.sleep.seeding import SeedingSettings
+    from backends.select import open_trainer
+
+    paths, config = record_day(tmp_path / "home", tiny_model_dir)
+    settings = SleepSettings(seeding=SeedingSettings(steps=2, checkpoints=2), dreams=DreamSettings(steps=0),
+                             gate=GateSettings(in_context_sessions=2, scales=(0.5, 1.0)), anchors=3,
+                             contrary_anchors=2, question_samples=0)
+    with open_store(paths, config) as store:
+        report = sleep_cycle(paths, config, store, settings=settings,
+                             open_trainer=functools.partial(open_trainer, "mlx"))
+    assert report.status in ("promoted", "rejected"), report.reason
+    judged = report.training["checkpoints"]
+    assert [(c["steps"], c["scale"]) for c in judged] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
+    assert sum(c["chosen"] for c in judged) == 1
+    manifest = json.loads((paths.home / "adapters" / "v0001.json").read_text())
+    assert (paths.home / "adapters" / "blocks" / manifest["blocks"][0]["id"] / "adapter_model.safetensors").is_file()

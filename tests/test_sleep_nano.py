@@ -108,7 +108,9 @@ def test_a_night_dreams_after_consolidating_and_keeps_a_journal(tmp_path):
     assert summary["kept"] == sum(d["kept"] for d in journal) > 0
     assert summary["chosen"] in ("consolidated", "dreamt")
     checkpoints = report.training["checkpoints"]
-    assert [c["steps"] for c in checkpoints] == [13, 27, 40]  # the gate judged each third of the training
+    # the gate judged each third of the training at each scale
+    assert [(c["steps"], c["scale"]) for c in checkpoints] == [(steps, scale) for steps in (13, 27, 40)
+                                                                for scale in GateSettings().scales]
     chosen = [c for c in checkpoints if c["chosen"]]
     if summary["chosen"] == "consolidated":
         assert len(chosen) == 1 and chosen[0]["recall"] == report.recall_after == summary["recall_consolidated"]

@@ -15,6 +15,7 @@ Layout in the data folder::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -112,3 +113,22 @@ def grown_on(stack: Stack, model: Model) -> bool:
 def empty_stack() -> Stack:
     """Version 0: the bare model, before any sleep."""
     return Stack(0)
+
+
+def scaled(state, scale: float):
+    """A new block's state (``BlockTrainer.new_block_state``: its LoRA factors, as a list or a dict
+    of pairs of any engine's arrays) with its change to the weights times ``scale``: each factor
+    times sqrt(scale), so B @ A scales by ``scale``. Baked into the factors, the scale needs no
+    support from the engines that later wear the block."""
+    if scale < 0:
+        raise ValueError(f"a block's scale cannot be negative, got {scale}")
+    root = math.sqrt(scale)
+
+    def times(value):
+        if isinstance(value, dict):
+            return {key: times(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(times(item) for item in value)
+        return value * root
+
+    return times(state)
