@@ -325,6 +325,8 @@ def sleep_command(
 
 
 def _print_sleep_report(report) -> None:
+    from assistant.sleep.gate import kept_training
+
     def percent(value):
         return "-" if value is None else f"{value:.0%}"
 
@@ -337,6 +339,7 @@ def _print_sleep_report(report) -> None:
             ["recall before -> after", f"{percent(report.recall_before)} -> {percent(report.recall_after)}"],
             ["retention of older nights", percent(report.retention)],
             ["in-context before -> after", f"{percent(report.in_context_before)} -> {percent(report.in_context_after)}"],
+            *([["consolidation kept", kept]] if (kept := kept_training(report.training)) else []),
             *_dreaming_rows(report.dreaming, percent),
             ["seconds", report.seconds],
         ])

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from assistant.sleep import dreams, losses, seeding
+from assistant.sleep import dreams, gate, losses, seeding
 from backends.base import LoraSpec, Sampling
 
 
@@ -97,6 +97,19 @@ def test_the_apps_sleep_report_sums_up_the_dreams():
     page = pages.report_page(report, {4: "my sister"})
     assert "12 written, 9 judged, 6 rehearsed; the dreamt block went forward" in page
     assert "dreams" not in pages.report_page({**report, "dreaming": {}}, {})
+    assert "kept" not in page  # the dreamt block went forward, not a consolidation checkpoint
+
+
+def test_reports_say_how_much_of_the_consolidation_went_forward():
+    from tui import pages
+
+    judged = [{"steps": steps, "scale": scale, "chosen": (steps, scale) == (240, 0.85)}
+              for steps in (120, 240, 360) for scale in (0.7, 0.85, 1.0)]
+    assert gate.kept_training({"checkpoints": judged}) == "240 of 360 steps, 0.85 of the block"
+    assert gate.kept_training({"checkpoints": [{**c, "chosen": False} for c in judged]}) is None
+    assert gate.kept_training({}) is None  # a report from before checkpoints
+    page = pages.report_page({"status": "promoted", "training": {"checkpoints": judged}}, {})
+    assert "**consolidation kept**: 240 of 360 steps, 0.85 of the block" in page
 
 
 def test_a_guided_rehearsal_learns_a_reference_no_sample_reaches(tiny_model_dir):

@@ -59,6 +59,8 @@ def adapters_page(adapters: Sequence[Mapping]) -> str:
 
 def report_page(report: Mapping, titles: Mapping[int, str], reason: str | None = None) -> str:
     """What one sleep consolidated, and the gate's recall before and after (``report``: SleepReport fields)."""
+    from assistant.sleep.gate import kept_training
+
     status = report.get("status", "")
     lines = ["# Sleep report", ""]
     if reason:
@@ -72,6 +74,8 @@ def report_page(report: Mapping, titles: Mapping[int, str], reason: str | None =
                        ("retention", "retention")):
         if report.get(key) is not None:
             lines.append(f"- **{label}**: {report[key]:.2f}")
+    if kept := kept_training(report.get("training") or {}):
+        lines.append(f"- **consolidation kept**: {kept}")
     dreaming = report.get("dreaming") or {}
     if dreaming:
         lines.append(f"- **dreams**: {dreaming.get('written', 0)} written, {dreaming.get('judged', 0)} judged, "

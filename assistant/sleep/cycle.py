@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from assistant.config import Config, Paths
 from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
-from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding
+from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
 from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, measure
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
@@ -143,6 +143,11 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                    if trainer.render_chat(_user(p["question"])) not in asked_tonight]
     old_probes = [Probe(**p) for p in stack.extra.get("probes", [])
                   if trainer.render_chat(_user(p["question"])) not in asked_tonight]
+    progress("questions", 0.08, "looking for what tonight's sessions tell anew")
+    newer = supersede.superseded(trainer, [(p["question"], p["answer"]) for p in old_prompts]
+                                 + [(p.question, p.reference) for p in old_probes], new_lessons)
+    old_prompts = [p for p in old_prompts if p["question"] not in newer]
+    old_probes = [p for p in old_probes if p.question not in newer]
     rows += [Row(trainer.render_chat(_user(p["question"])), trainer.render_chat(_user(p["question"])),
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
     anchors = _anchors(trainer, settings) + _contrary(trainer, new_lessons, rows, settings.contrary_anchors, rng)
@@ -159,8 +164,9 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                         run_id, progress, dream_reward)
     progress("gate", 0.85, f"asking {len(probes)} held-out question(s)")
     rehearsed = dreamt is not None and any(dream.kept for dream in dreamt.dreams)
-    verdict, dreaming, judged = _gate(trainer, probes, old_probes, settings.gate, checkpoints, rehearsed)
-    training = {**log.summary(), "checkpoints": judged}
+    remembered = _remembered(old_probes, old_prompts, settings.gate.retention_probes, rng)
+    verdict, dreaming, judged = _gate(trainer, probes, remembered, settings.gate, checkpoints, rehearsed)
+    training = {**log.summary(), "superseded": len(newer), "checkpoints": judged}
     if dreamt is not None:
         store.sleep.add_dreams(run_id, [d.journal() for d in dreamt.dreams])
         dreaming = {**dreamt.summary(), "chosen": "consolidated", **dreaming}
@@ -218,6 +224,15 @@ def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, cons
     )
 
 
+def _remembered(old_probes: list[Probe], old_prompts: list[dict], count: int, rng: random.Random) -> list[Probe]:
+    """Earlier nights' knowledge for the gate's retention: their held-out probes and the prompts
+    they learnt, with the answers they learnt, ``count`` at most. The probes alone were too few: a
+    night 2 of the bench kept 12, of which the model knew 4, so one flip was a 25% loss."""
+    pool = list({probe.question: probe for probe in
+                 old_probes + [Probe(p["question"], p["answer"]) for p in old_prompts]}.values())
+    return pool if len(pool) <= count else rng.sample(pool, count)
+
+
 def _gate(trainer, probes, old_probes, settings, checkpoints: dict[int, list], rehearsed: bool
           ) -> tuple[Verdict, dict, list[dict]]:
     """Judge the consolidation's checkpoints, each at the gate's ``scales``, and, if the block
@@ -239,7 +254,8 @@ def _gate(trainer, probes, old_probes, settings, checkpoints: dict[int, list], r
             verdict = decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes),
                              settings)
             judged.append({"steps": steps, "scale": scale, "recall": verdict.recall_after,
-                           "in_context": verdict.in_context_after, "promote": verdict.promote, "chosen": False})
+                           "retention": verdict.retention, "in_context": verdict.in_context_after,
+                           "promote": verdict.promote, "chosen": False})
             if best is None or better(verdict, best):
                 best, best_state, chosen_record = verdict, candidate, judged[-1]
     dreaming = {}

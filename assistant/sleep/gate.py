@@ -3,8 +3,9 @@
 In real use there is no gold answer. The probes are questions the teacher wrote about tonight's
 sessions and that training never saw; the teacher, with the session in its context, gives the
 reference answer. Recall is the share of probes the model answers *without* the session the way the
-teacher answers *with* it. Retention re-asks earlier nights' probes (stored with their references in
-the adapter manifests) and measures in-context reading on fresh generated stories, before and after.
+teacher answers *with* it. Retention re-asks earlier nights' probes and the prompts they learnt
+(stored with their answers in the adapter manifests, less those tonight's sessions supersede) and
+measures in-context reading on fresh generated stories, before and after.
 
 An answer matches its reference when they are equal after ``normalise_answer`` (case, spacing, end
 punctuation): strict on purpose, since a near miss on a name is a wrong name.
@@ -34,6 +35,7 @@ class Probe:
 @dataclass(frozen=True)
 class GateSettings:
     retention_tolerance: float = 0.05  # old recall may fall by at most this share of its value
+    retention_probes: int = 64  # earlier nights' questions asked for it (a seeded sample beyond that)
     in_context_tolerance: float = 0.02  # in-context accuracy may fall by at most 2 points
     # Fresh generated sessions for the in-context check: 36 ask about 120 questions, so one answer
     # moves the measure by under a point (with 12, one flip was 2.4 points: the whole tolerance).
@@ -149,3 +151,13 @@ def judge(
     before = measure(trainer, new_probes, old_probes, settings, new_block=False)
     after = measure(trainer, new_probes, old_probes, settings, new_block=True)
     return decide(before, after, len(new_probes), settings)
+
+
+def kept_training(training: dict) -> str | None:
+    """How much of the night's consolidation the gate let go forward, for reports: "240 of 360
+    steps, 0.85 of the block" (None when the dreamt block did, or the report predates checkpoints)."""
+    judged = training.get("checkpoints") or []
+    chosen = [c for c in judged if c.get("chosen")]
+    if not chosen:
+        return None
+    return f"{chosen[0]['steps']} of {max(c['steps'] for c in judged)} steps, {chosen[0]['scale']:g} of the block"
