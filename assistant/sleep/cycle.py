@@ -246,13 +246,16 @@ def _gate(trainer, probes, old_probes, settings, checkpoints: dict[int, list], r
     the unbiased check. Returns the verdict, the dreaming comparison, and one record per candidate."""
     dreamt_state = trainer.new_block_state() if rehearsed else None
     before = measure(trainer, probes, old_probes, settings, new_block=False)
+
+    def judge_worn() -> Verdict:  # the block the trainer wears now
+        return decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes), settings)
+
     best, best_state, judged = None, None, []
     for steps, state in sorted(checkpoints.items()):
         for scale in sorted(settings.scales):
             candidate = blocks.scaled(state, scale)
             trainer.load_new_block_state(candidate)
-            verdict = decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes),
-                             settings)
+            verdict = judge_worn()
             judged.append({"steps": steps, "scale": scale, "recall": verdict.recall_after,
                            "retention": verdict.retention, "in_context": verdict.in_context_after,
                            "promote": verdict.promote, "chosen": False})
@@ -261,7 +264,7 @@ def _gate(trainer, probes, old_probes, settings, checkpoints: dict[int, list], r
     dreaming = {}
     if dreamt_state is not None:
         trainer.load_new_block_state(dreamt_state)
-        after = decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes), settings)
+        after = judge_worn()
         chosen = "dreamt" if better(after, best) else "consolidated"
         dreaming = {"chosen": chosen, "recall_consolidated": best.recall_after, "recall_dreamt": after.recall_after,
                     "dreamt_verdict": after.reason}

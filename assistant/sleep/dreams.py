@@ -177,6 +177,24 @@ def write(
     return dreams
 
 
+def teacher_answers(
+    trainer: BlockTrainer, prompts: Sequence[str], bare_ids: Sequence[Sequence[int]]
+) -> tuple[list[str], list[float], list[float]]:
+    """The pre-sleep model's greedy answer to each prompt (a memory in context, then a question),
+    how sure it is of it there, and how sure with the question alone (``bare_ids``): what
+    ``newest_grounded`` weighs. Batched by 32."""
+    marker = seeding.end_of_turn(trainer)
+    greedy = Sampling(max_tokens=48, temperature=0.0)
+    answers, sure, unaided = [], [], []
+    for start in range(0, len(prompts), 32):
+        chunk = slice(start, start + 32)
+        texts = [text.strip() for text in trainer.generate(prompts[chunk], greedy, new_block=False)]
+        answers += texts
+        sure += seeding.mean_token_probability(trainer, [trainer.encode(p) for p in prompts[chunk]], texts, marker)
+        unaided += seeding.mean_token_probability(trainer, bare_ids[chunk], texts, marker)
+    return answers, sure, unaided
+
+
 def judge(
     trainer: BlockTrainer, dreams: Sequence[Dream], memories: Sequence[Memory], settings: DreamSettings
 ) -> list[Dream]:
@@ -187,14 +205,7 @@ def judge(
     prompts = [trainer.render_chat(memory.context + _user(dream.question)) for dream, memory in pairs]
     bare = [trainer.encode(trainer.render_chat(_user(dream.question))) for dream in dreams]
     bare_ids = [bare[index // len(memories)] for index in range(len(pairs))]  # pairs run dream by dream
-    greedy = Sampling(max_tokens=48, temperature=0.0)
-    answers, sure, unaided = [], [], []
-    for start in range(0, len(prompts), 32):
-        chunk = slice(start, start + 32)
-        texts = [text.strip() for text in trainer.generate(prompts[chunk], greedy, new_block=False)]
-        answers += texts
-        sure += seeding.mean_token_probability(trainer, [trainer.encode(p) for p in prompts[chunk]], texts, marker)
-        unaided += seeding.mean_token_probability(trainer, bare_ids[chunk], texts, marker)
+    answers, sure, unaided = teacher_answers(trainer, prompts, bare_ids)
     for index, dream in enumerate(dreams):
         row = slice(index * len(memories), (index + 1) * len(memories))
         with_memory = [c if a else 0.0 for a, c in zip(answers[row], sure[row])]

@@ -19,15 +19,12 @@ import re
 from collections.abc import Sequence
 
 from assistant.sleep import counterfactual, lessons
-from assistant.sleep.dreams import newest_grounded
-from assistant.sleep.gate import GREEDY
+from assistant.sleep.dreams import newest_grounded, teacher_answers
 from assistant.sleep.rewards import normalise_answer
-from assistant.sleep.seeding import end_of_turn, mean_token_probability
 from backends.base import BlockTrainer
 
 CONFIDENCE = 0.5  # as dreams judge a reference: the teacher's least mean token probability
 GROUNDING = 2.0  # and how many times likelier the session must make the answer than no session
-BATCH = 32
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 # Words that say what kind of question it is, not what it is about.
 _FUNCTION_WORDS = frozenset("""
@@ -60,19 +57,14 @@ def superseded(trainer: BlockTrainer, known: Sequence[tuple[str, str]], tonight:
              for index in related(question, said)]
     if not pairs:
         return set()
-    marker = end_of_turn(trainer)
     prompts = [trainer.render_chat(lesson.context + _user(question)) for question, _, lesson in pairs]
     bare = [trainer.encode(trainer.render_chat(_user(question))) for question, _, _ in pairs]
+    answers, sure, unaided = teacher_answers(trainer, prompts, bare)
     found: set[str] = set()
-    for start in range(0, len(pairs), BATCH):
-        chunk = slice(start, start + BATCH)
-        answers = [text.strip() for text in trainer.generate(prompts[chunk], GREEDY, new_block=False)]
-        sure = mean_token_probability(trainer, [trainer.encode(p) for p in prompts[chunk]], answers, marker)
-        unaided = mean_token_probability(trainer, bare[chunk], answers, marker)
-        for (question, learnt, _), answer, with_session, without in zip(pairs[chunk], answers, sure, unaided):
-            grounded = newest_grounded([with_session], [without], CONFIDENCE, GROUNDING) is not None
-            if answer and grounded and normalise_answer(answer) != normalise_answer(learnt):
-                found.add(question)
+    for (question, learnt, _), answer, with_session, without in zip(pairs, answers, sure, unaided):
+        grounded = newest_grounded([with_session], [without], CONFIDENCE, GROUNDING) is not None
+        if answer and grounded and normalise_answer(answer) != normalise_answer(learnt):
+            found.add(question)
     return found
 
 
