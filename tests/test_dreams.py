@@ -97,7 +97,7 @@ def test_the_apps_sleep_report_sums_up_the_dreams():
     page = pages.report_page(report, {4: "my sister"})
     assert "12 written, 9 judged, 6 rehearsed; the dreamt block went forward" in page
     assert "dreams" not in pages.report_page({**report, "dreaming": {}}, {})
-    assert "kept" not in page  # the dreamt block went forward, not a consolidation checkpoint
+    assert "kept" not in page  # a report without checkpoints says nothing of them
 
 
 def test_reports_say_how_much_of_the_consolidation_went_forward():
@@ -128,10 +128,11 @@ def test_a_guided_rehearsal_learns_a_reference_no_sample_reaches(tiny_model_dir)
         return float(losses.completion_logprobs(trainer.ops, logits, torch.tensor([row.answer_ids])).sum())
 
     before = likelihood()
-    plain = seeding.imitate(trainer, row, "", group=4, sampling=sampling, reward=exact, weight=1.0, marker=marker)
+    plain = seeding.policy_step(trainer, seeding.imitation_group(trainer, row, "", group=4, sampling=sampling,
+                                                                 reward=exact, marker=marker))
     assert plain == [0.0] * 4 and likelihood() == before  # an all-equal group teaches nothing
     for _ in range(3):
-        guided = seeding.imitate(trainer, row, "", group=4, sampling=sampling, reward=exact, weight=1.0,
-                                 marker=marker, guide=True)
+        guided = seeding.policy_step(trainer, seeding.imitation_group(trainer, row, "", group=4, sampling=sampling,
+                                                                      reward=exact, marker=marker, guide=True))
         assert len(guided) == 4  # the student's own rewards, for the journal
     assert likelihood() > before + 1.0

@@ -1,4 +1,4 @@
-"""One night, in the paper's words: select sessions, consolidate, gate, promote (or keep the old).
+"""One night, in the paper's words: select sessions, consolidate, dream, gate, promote (or keep the old).
 
 The cycle runs in the sleep process (``assistant.sleep.runner``), never in the chat's: it reads the
 sessions no live adapter has learnt, grows a block on the live stack and trains it by Knowledge
@@ -154,22 +154,24 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     rows += anchors
     checkpoints: dict[int, list] = {}
     log = consolidate(trainer, rows, replace(settings.seeding, seed=settings.seed + run_id),
-                      progress=lambda step, total: progress("consolidate", 0.1 + 0.55 * step / total,
+                      progress=lambda step, total: progress("consolidate", 0.1 + 0.5 * step / total,
                                                             f"step {step}/{total}"),
                       checkpoint=lambda step: checkpoints.__setitem__(step, trainer.new_block_state()))
-    consolidated = checkpoints[max(checkpoints)]
-    dreamt = None
-    if settings.dreams.steps:
-        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, consolidated, settings,
-                        run_id, progress, dream_reward)
-    progress("gate", 0.85, f"asking {len(probes)} held-out question(s)")
-    rehearsed = dreamt is not None and any(dream.kept for dream in dreamt.dreams)
+    progress("gate", 0.6, f"asking {len(probes)} held-out question(s) of {len(checkpoints)} checkpoint(s)")
     remembered = _remembered(old_probes, old_prompts, settings.gate.retention_probes, rng)
-    verdict, dreaming, judged = _gate(trainer, probes, remembered, settings.gate, checkpoints, rehearsed)
+    gate = Gate(trainer, probes, remembered, settings.gate)
+    verdict, judged = gate.choose(checkpoints)
     training = {**log.summary(), "superseded": len(newer), "checkpoints": judged}
-    if dreamt is not None:
+    dreaming = {}
+    if settings.dreams.steps:
+        consolidated = trainer.new_block_state()
+        dreamt = _dream(trainer, store, stack, new_lessons, probes, old_probes, [r for r in rows if r.kind != "new"],
+                        consolidated, settings, run_id, progress, dream_reward)
         store.sleep.add_dreams(run_id, [d.journal() for d in dreamt.dreams])
-        dreaming = {**dreamt.summary(), "chosen": "consolidated", **dreaming}
+        dreaming = {**dreamt.summary(), "chosen": "consolidated"}
+        if any(dream.kept for dream in dreamt.dreams):
+            progress("gate", 0.9, "asking the held-out questions of the dreamt block")
+            verdict, dreaming = gate.against_dreamt(verdict, consolidated, dreaming)
     block_id = f"night{run_id:04d}-{secrets.token_hex(3)}"
     block = blocks.Block(block_id, blocks.block_dir(paths.home, block_id), tuple(session_ids), run_id)
     trainer.save_new_block(block.path)
@@ -196,9 +198,13 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     )
 
 
-def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, consolidated, settings, run_id,
+def _dream(trainer, store, stack, new_lessons, probes, old_probes, keep, consolidated, settings, run_id,
            progress, reward) -> dreams.DreamLog:
-    """Stage 2 on a copy of the consolidated block, about tonight's sessions and a few older ones."""
+    """Stage 2 on a copy of the consolidated block, about tonight's sessions and a few older ones.
+
+    ``keep`` are the consolidation's replay and anchor rows: each rehearsal step is followed by a
+    distillation step on some of them, in the consolidation's shares, so rehearsing tonight's
+    memories holds earlier nights' answers and everyday reading where they were."""
     rng = random.Random(settings.seed + run_id)
     tonight = [dreams.Memory(lesson.session_id, lesson.context) for lesson in new_lessons]
     older_ids = sorted({sid for block in stack.blocks for sid in block.sessions} - {m.session_id for m in tonight})
@@ -209,18 +215,19 @@ def _dream(trainer, store, stack, new_lessons, probes, old_probes, anchors, cons
     trainer.load_new_block_state(consolidated, lr=settings.dreams.lr)  # the copy, with its own optimiser
     dream_settings = replace(settings.dreams, seed=settings.seed + run_id)
     marker = seeding.end_of_turn(trainer)
-    size = max(1, round(settings.seeding.batch_size * settings.seeding.anchor_share))
+    pools = [([row for row in keep if row.kind == kind], max(1, round(settings.seeding.batch_size * share)))
+             for kind, share in (("replay", settings.seeding.replay_share), ("anchor", settings.seeding.anchor_share))]
 
     def anchor() -> float:
-        return seeding.distill_step(trainer, rng.sample(anchors, min(size, len(anchors))), settings.seeding, rng,
-                                    marker)
+        batch = [row for pool, size in pools for row in rng.sample(pool, min(size, len(pool)))]
+        return seeding.distill_step(trainer, batch, settings.seeding, rng, marker)
 
     return dreams.dream(
         trainer, tonight, older, scales=[block.scale for block in stack.adapters()],
         held_out={p.question for p in probes + old_probes}, settings=dream_settings,
         reward=reward or seeding.imitation(settings.seeding.gamma, settings.seeding.threshold),
-        anchor=anchor if anchors else None,
-        progress=lambda message, fraction: progress("dream", 0.65 + 0.2 * fraction, message),
+        anchor=anchor if keep else None,
+        progress=lambda message, fraction: progress("dream", 0.7 + 0.2 * fraction, message),
     )
 
 
@@ -233,47 +240,55 @@ def _remembered(old_probes: list[Probe], old_prompts: list[dict], count: int, rn
     return pool if len(pool) <= count else rng.sample(pool, count)
 
 
-def _gate(trainer, probes, old_probes, settings, checkpoints: dict[int, list], rehearsed: bool
-          ) -> tuple[Verdict, dict, list[dict]]:
-    """Judge the consolidation's checkpoints, each at the gate's ``scales``, and, if the block
-    ``rehearsed`` dreams since (the trainer holds that state), the dreamt block; leave the best in
-    the trainer.
+class Gate:
+    """The night's judge: one measure of the pre-sleep model, then each candidate block against it.
 
     Better means promotable and recalling strictly more (``better``), so a tie keeps the smaller
-    change (fewer steps, then a smaller scale), and dreaming must beat the best consolidated
-    candidate to go live. The in-context check that picks a candidate also judges it, which favours
-    a lucky one by about the measure's noise; the bench's in-context drop, on other sessions, is
-    the unbiased check. Returns the verdict, the dreaming comparison, and one record per candidate."""
-    dreamt_state = trainer.new_block_state() if rehearsed else None
-    before = measure(trainer, probes, old_probes, settings, new_block=False)
+    change (fewer steps, then a smaller scale), and a dreamt block must beat the consolidated one
+    it grew from to go live. The in-context check that picks a candidate also judges it, which
+    favours a lucky one by about the measure's noise; the bench's in-context drop, on other
+    sessions, is the unbiased check."""
 
-    def judge_worn() -> Verdict:  # the block the trainer wears now
-        return decide(before, measure(trainer, probes, old_probes, settings, new_block=True), len(probes), settings)
+    def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
+                 settings: GateSettings):
+        self.trainer, self.probes, self.remembered, self.settings = trainer, probes, remembered, settings
+        self.before = measure(trainer, probes, remembered, settings, new_block=False)
 
-    best, best_state, judged = None, None, []
-    for steps, state in sorted(checkpoints.items()):
-        for scale in sorted(settings.scales):
-            candidate = blocks.scaled(state, scale)
-            trainer.load_new_block_state(candidate)
-            verdict = judge_worn()
-            judged.append({"steps": steps, "scale": scale, "recall": verdict.recall_after,
-                           "retention": verdict.retention, "in_context": verdict.in_context_after,
-                           "promote": verdict.promote, "chosen": False})
-            if best is None or better(verdict, best):
-                best, best_state, chosen_record = verdict, candidate, judged[-1]
-    dreaming = {}
-    if dreamt_state is not None:
-        trainer.load_new_block_state(dreamt_state)
-        after = judge_worn()
-        chosen = "dreamt" if better(after, best) else "consolidated"
-        dreaming = {"chosen": chosen, "recall_consolidated": best.recall_after, "recall_dreamt": after.recall_after,
+    def judge(self, state) -> Verdict:
+        """Wear ``state`` as the new block and judge it."""
+        self.trainer.load_new_block_state(state)
+        after = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True)
+        return decide(self.before, after, len(self.probes), self.settings)
+
+    def choose(self, checkpoints: dict[int, list]) -> tuple[Verdict, list[dict]]:
+        """Judge each checkpoint at each of the gate's scales; leave the best in the trainer.
+        Returns its verdict and one record per candidate."""
+        best, best_state, judged = None, None, []
+        for steps, state in sorted(checkpoints.items()):
+            for scale in sorted(self.settings.scales):
+                candidate = blocks.scaled(state, scale)
+                verdict = self.judge(candidate)
+                judged.append({"steps": steps, "scale": scale, "recall": verdict.recall_after,
+                               "retention": verdict.retention, "in_context": verdict.in_context_after,
+                               "promote": verdict.promote, "chosen": False})
+                if best is None or better(verdict, best):
+                    best, best_state, chosen = verdict, candidate, judged[-1]
+        chosen["chosen"] = True
+        self.trainer.load_new_block_state(best_state)
+        return best, judged
+
+    def against_dreamt(self, consolidated_verdict: Verdict, consolidated, dreaming: dict) -> tuple[Verdict, dict]:
+        """The block the trainer wears (the dreamt one) against the consolidated one it grew from;
+        leaves the better in the trainer. Returns its verdict and the dreaming record."""
+        after = self.judge(self.trainer.new_block_state())
+        dreamt_wins = better(after, consolidated_verdict)
+        dreaming = {**dreaming, "chosen": "dreamt" if dreamt_wins else "consolidated",
+                    "recall_consolidated": consolidated_verdict.recall_after, "recall_dreamt": after.recall_after,
                     "dreamt_verdict": after.reason}
-        if chosen == "dreamt":
-            best, best_state, chosen_record = after, dreamt_state, None
-    trainer.load_new_block_state(best_state)
-    if chosen_record is not None:
-        chosen_record["chosen"] = True
-    return best, dreaming, judged
+        if dreamt_wins:
+            return after, dreaming
+        self.trainer.load_new_block_state(consolidated)
+        return consolidated_verdict, dreaming
 
 
 def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) -> list[lessons.Lesson]:

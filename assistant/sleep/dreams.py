@@ -52,7 +52,7 @@ class DreamSettings:
     keep_random: int = 4
     steps: int = 24  # rehearsal steps, one dream and a group of samples each
     group: int = 4
-    guide: bool = True  # the teacher's reference joins each group (see ``seeding.imitate``)
+    guide: bool = True  # the teacher's reference joins each group (see ``seeding.imitation_group``)
     confidence: float = 0.5  # the teacher's least mean token probability for a reference
     grounding: float = 2.0  # how many times likelier the memory must make the reference than no memory
     # The rehearsal's own rate. Measured on the bench's first generated night: at 1e-3 the dreamt copy's
@@ -257,8 +257,9 @@ def rehearse(
             order = rng.sample(range(len(rows)), len(rows))
         index = order.pop()
         sampling = Sampling(max_tokens=48, temperature=settings.temperature, seed=rng.randrange(2**31))
-        earned[index] += seeding.imitate(trainer, rows[index], "", group=settings.group, sampling=sampling,
-                                         reward=reward, weight=1.0, marker=marker, guide=settings.guide)
+        earned[index] += seeding.policy_step(trainer, seeding.imitation_group(
+            trainer, rows[index], "", group=settings.group, sampling=sampling, reward=reward, marker=marker,
+            guide=settings.guide))
         if anchor is not None:
             anchor()
         progress(step + 1, settings.steps)

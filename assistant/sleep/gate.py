@@ -154,8 +154,9 @@ def judge(
 
 
 def kept_training(training: dict) -> str | None:
-    """How much of the night's consolidation the gate let go forward, for reports: "240 of 360
-    steps, 0.85 of the block" (None when the dreamt block did, or the report predates checkpoints)."""
+    """How much of the night's consolidation the gate let go forward (and dreaming, if it ran,
+    started from), for reports: "240 of 360 steps, 0.85 of the block" (None when the report
+    predates checkpoints)."""
     judged = training.get("checkpoints") or []
     chosen = [c for c in judged if c.get("chosen")]
     if not chosen:

@@ -23,7 +23,12 @@ from backends.ops import ArrayOps
 # when the student gives the teacher's token almost no mass, JSD(0.5) is near ln 2 and its gradient
 # near 0, while forward KL keeps pulling.
 JSD_BETA = 0.0
-SEEDING_ALPHA = 0.5  # both terms are per-token means of similar scale (JSD <= ln 2, advantages of unit spread)
+# The divergence's weight; the LTI term gets 1 - alpha. Both terms are per-token means, but the
+# policy gradient of a group of four with unit-spread advantages is the larger and far noisier one.
+# Measured on the bench's first generated night (sleep seeds 0 and 3, 360 steps, both terms in one
+# step): the block reproduced 85% and 80% of its own training answers at alpha = 0.5, 96% and 93%
+# at 0.9 (98% and 93% with no LTI); recall of held-out phrasings 50%/40% and 53%/40%.
+SEEDING_ALPHA = 0.9
 
 
 def generalized_jsd(

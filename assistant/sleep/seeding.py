@@ -2,16 +2,21 @@
 
 Teacher: the pre-sleep model (frozen blocks, ``new_block=False``) with the session's knowledge in
 its context. Student: the grown model (frozen blocks + the new block) with the prompt alone. Only
-the new block trains. Two terms, taken in alternating steps and weighted as the paper's objective
-L_KS = E[(1 - alpha) r - alpha D] (maximised):
+the new block trains, on the paper's objective L_KS = E[(1 - alpha) r - alpha D] (maximised):
 
-- distillation: per-token JSD(beta) between teacher and student over completions that are the
+- distillation (D): per-token JSD(beta) between teacher and student over completions that are the
   student's own samples (on-policy, share ``on_policy`` = the paper's lambda) or the teacher's
   answers (off-policy);
-- learning to imitate (LTI): the student completes a random prefix of the teacher's answer, a group
-  of samples at a time; reward gamma * r_sem + (1 - gamma) * r_abs with group-normalised advantages
-  (GRPO-style). r_sem is the teacher's own judgement: the mean per-token probability the teacher,
-  who has the session in context, gives the student's answer.
+- learning to imitate (LTI, r): the student completes a random prefix of the teacher's answer, a
+  group of samples at a time; reward gamma * r_sem + (1 - gamma) * r_abs with group-normalised
+  advantages (GRPO-style). r_sem is the teacher's own judgement: the mean per-token probability
+  the teacher, who has the session in context, gives the student's answer.
+
+Every ``lti_every``-th step takes both terms in one optimiser step on their weighted sum (the
+others distil alone). Taking LTI as steps of its own made a third of Adam's steps, each of unit
+size whatever its loss, follow one noisy group of four samples: on the bench's first night
+(sleep seeds 0 and 3) recall of held-out phrasings was 43% and 37% against 50% and 50% without LTI
+(alpha, measured the same way, is in ``losses.SEEDING_ALPHA``).
 
 Two more kinds of rows keep old knowledge: replay of earlier nights' prompts, and generic prompts,
 both distilled from the pre-sleep model *as it is* (same input, no new context): a KL anchor, so the
@@ -51,8 +56,10 @@ class SeedingSettings:
     threshold: float = rewards.EDIT_DISTANCE_THRESHOLD
     lti_every: int = 2  # one LTI step after every this many distillation steps (0: no LTI)
     lti_group: int = 4  # samples per prefix: the group of the group-normalised advantage
-    # Of each batch, rows from earlier nights' prompts (none on a first night: new rows fill it). On
-    # the bench's second night, 0.25 kept 87-91% of night 1's answers (rejected), 0.5 kept 96%.
+    lti_guide: bool = False  # the teacher's answer joins each group (see ``imitation_group``)
+    # Rows from earlier nights' prompts added to each batch, as a share of its size (none on a first
+    # night). Replay used to take its place in the batch: on the bench's second night 0.25 kept 87-91%
+    # of night 1's answers (rejected) and 0.5 kept 96%, but tonight's rows fell from 6 a batch to 2.
     replay_share: float = 0.5
     anchor_share: float = 0.25  # of each batch, generic rows anchored to the pre-sleep model
     sample_temperature: float = 1.0
@@ -76,15 +83,15 @@ class Row:
 
 @dataclass
 class SeedingLog:
-    distill_losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # each step's loss (with LTI's surrogate on its steps)
     lti_rewards: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        tail = self.distill_losses[-10:] or [math.nan]
+        tail = self.losses[-10:] or [math.nan]
         return {
-            "steps": len(self.distill_losses),
-            "distill_loss_first": self.distill_losses[0] if self.distill_losses else None,
-            "distill_loss_last": sum(tail) / len(tail),
+            "steps": len(self.losses),
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": sum(tail) / len(tail),
             "lti_reward_mean": sum(self.lti_rewards) / len(self.lti_rewards) if self.lti_rewards else None,
         }
 
@@ -127,11 +134,14 @@ def consolidate(
         raise ValueError("nothing to consolidate: no prompts about tonight's sessions")
     log = SeedingLog()
     marks = set(checkpoint_steps(settings.steps, settings.checkpoints))
+    reward = reward_fn or imitation(settings.gamma, settings.threshold)
     for step in range(settings.steps):
         batch = _batch(pools, settings, rng)
-        log.distill_losses.append(distill_step(trainer, batch, settings, rng, marker))
+        group = None
         if settings.lti_every and (step + 1) % settings.lti_every == 0:
-            log.lti_rewards.append(_lti_step(trainer, rng.choice(pools["new"]), settings, rng, marker, reward_fn))
+            group = _lti_group(trainer, rng.choice(pools["new"]), settings, rng, marker, reward)
+            log.lti_rewards.append(sum(group.rewards) / len(group.rewards))
+        log.losses.append(seeding_step(trainer, batch, group, settings, rng, marker))
         if step + 1 in marks:
             checkpoint(step + 1)
         progress(step + 1, settings.steps)
@@ -144,19 +154,34 @@ def checkpoint_steps(steps: int, count: int) -> list[int]:
 
 
 def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.Random) -> list[Row]:
+    """``batch_size`` rows of tonight's and anchors, plus the replayed ones: a later night learns its
+    own sessions as fast as the first."""
     size = settings.batch_size
-    extra = {kind: min(len(pools[kind]), round(size * share))
-             for kind, share in (("replay", settings.replay_share), ("anchor", settings.anchor_share))}
-    batch = [rng.choice(pools["new"]) for _ in range(size - sum(extra.values()))]
-    for kind, count in extra.items():
-        batch += rng.sample(pools[kind], count)
-    return batch
+    anchors = min(len(pools["anchor"]), round(size * settings.anchor_share))
+    replayed = min(len(pools["replay"]), round(size * settings.replay_share))
+    return ([rng.choice(pools["new"]) for _ in range(size - anchors)]
+            + rng.sample(pools["anchor"], anchors) + rng.sample(pools["replay"], replayed))
 
 
 def distill_step(
     trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str
 ) -> float:
-    """Generalized JSD on a mix of the student's samples and the teacher's answers."""
+    """A step of distillation alone (dreaming's anchor)."""
+    return seeding_step(trainer, batch, None, settings, rng, marker)
+
+
+def seeding_step(
+    trainer: BlockTrainer,
+    batch: Sequence[Row],
+    group: ImitationGroup | None,
+    settings: SeedingSettings,
+    rng: random.Random,
+    marker: str,
+) -> float:
+    """One optimiser step on the Knowledge Seeding loss: generalized JSD on a mix of the student's
+    samples and the teacher's answers, plus, given an LTI ``group``, its policy-gradient term, the
+    two weighted by alpha (``losses.seeding_objective``). Both ride in one batch; each term reads
+    its own rows of the logits. Returns the loss."""
     on_policy = [row for row in batch if row.kind == "new" and rng.random() < settings.on_policy]
     completions = {id(row): row.answer_ids for row in batch}
     if on_policy:
@@ -167,31 +192,52 @@ def distill_step(
             completions[id(row)] = trainer.encode(text + marker)
     answers = [completions[id(row)] for row in batch]
     teacher_logits, _ = trainer.completion_logits([r.teacher_ids for r in batch], answers, new_block=False)
+    rows, width = len(batch), max(len(answer) for answer in answers)
+    prefixes, targets = [r.student_ids for r in batch], list(answers)
+    if group is not None and group.teaches:
+        prefixes += [group.prompt_ids] * len(group.completions)
+        targets += group.completions
+    else:
+        group = None
     ops = trainer.ops
 
-    def loss_fn(logits, targets, mask):
-        return settings.alpha * losses.generalized_jsd(ops, logits, teacher_logits, mask, settings.beta)
+    def loss_fn(logits, tokens, mask):
+        divergence = losses.generalized_jsd(ops, logits[:rows, :width], teacher_logits, mask[:rows, :width],
+                                            settings.beta)
+        if group is None:
+            return settings.alpha * divergence
+        imitation_term = -group.loss(ops, logits[rows:], tokens[rows:], mask[rows:])
+        return losses.seeding_objective(ops, imitation_term, divergence, settings.alpha)
 
-    return trainer.train_step([r.student_ids for r in batch], answers, loss_fn)
+    return trainer.train_step(prefixes, targets, loss_fn)
 
 
-def _lti_step(
-    trainer: BlockTrainer,
-    row: Row,
-    settings: SeedingSettings,
-    rng: random.Random,
-    marker: str,
-    reward_fn: Reward | None,
-) -> float:
-    """Learning to imitate: complete a random prefix of the teacher's answer; reward the likeness."""
+@dataclass
+class ImitationGroup:
+    """A group of the student's completions of one prompt, rewarded against the teacher's answer."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]
+    rewards: list[float]  # the student's samples' (the guiding reference's is left out)
+    advantages: object  # group-normalised, over every completion
+    teaches: bool  # an all-equal group has zero advantage: nothing to learn from it
+
+    def loss(self, ops, logits, targets, mask):
+        """The policy-gradient loss of this group's rows of a batch's logits."""
+        return losses.policy_gradient_loss(ops, losses.completion_logprobs(ops, logits, targets), self.advantages,
+                                           mask)
+
+
+def _lti_group(
+    trainer: BlockTrainer, row: Row, settings: SeedingSettings, rng: random.Random, marker: str, reward: Reward
+) -> ImitationGroup:
+    """Learning to imitate: the student completes a random prefix of the teacher's answer."""
     answer_tokens = trainer.encode(row.answer)
     cut = rng.randint(0, max(0, len(answer_tokens) - 1))
     sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
                         seed=rng.randrange(2**31))
-    reward = reward_fn or imitation(settings.gamma, settings.threshold)
-    scored = imitate(trainer, row, trainer.decode(answer_tokens[:cut]), group=settings.lti_group,
-                     sampling=sampling, reward=reward, weight=1 - settings.alpha, marker=marker)
-    return sum(scored) / len(scored)
+    return imitation_group(trainer, row, trainer.decode(answer_tokens[:cut]), group=settings.lti_group,
+                           sampling=sampling, reward=reward, marker=marker, guide=settings.lti_guide)
 
 
 def imitation(gamma: float, threshold: float) -> Reward:
@@ -200,7 +246,7 @@ def imitation(gamma: float, threshold: float) -> Reward:
         candidate, reference, gamma=gamma, threshold=threshold, semantic=semantic)
 
 
-def imitate(
+def imitation_group(
     trainer: BlockTrainer,
     row: Row,
     prefix_text: str,
@@ -208,13 +254,12 @@ def imitate(
     group: int,
     sampling: Sampling,
     reward: Reward,
-    weight: float,
     marker: str,
     guide: bool = False,
-) -> list[float]:
-    """One small-batch policy-gradient step: the student completes ``prefix_text`` after its prompt
-    ``group`` times, each sample is rewarded against the teacher's answer, and the advantages are
-    normalised within the group (GRPO-style). Returns the rewards of the student's samples.
+) -> ImitationGroup:
+    """The student completes ``prefix_text`` after its prompt ``group`` times; each sample is
+    rewarded against the teacher's answer and the advantages are normalised within the group
+    (GRPO-style).
 
     With ``guide``, the teacher's own answer joins the group as one more member (off-policy
     guidance, as in mixed-policy GRPO): when no sample comes near the reference, a plain group is
@@ -227,16 +272,18 @@ def imitate(
     semantic = teacher_judgement(trainer, row, [prefix_text + s for s in samples], marker)
     scored = [reward(prefix_text + sample, row.answer, sem) for sample, sem in zip(samples, semantic)]
     ops = trainer.ops
-    advantages = losses.group_advantages(ops, ops.asarray(scored))
-    prefix_ids = trainer.encode(prompt)
+    return ImitationGroup(trainer.encode(prompt), completions, scored[:group],
+                          losses.group_advantages(ops, ops.asarray(scored)), max(scored) > min(scored))
 
-    def loss_fn(logits, targets, mask):
-        logprobs = losses.completion_logprobs(ops, logits, targets)
-        return weight * losses.policy_gradient_loss(ops, logprobs, advantages, mask)
 
-    if max(scored) > min(scored):  # an all-equal group has zero advantage: nothing to learn from it
-        trainer.train_step([prefix_ids] * len(completions), completions, loss_fn)
-    return scored[:group]
+def policy_step(trainer: BlockTrainer, group: ImitationGroup, weight: float = 1.0) -> list[float]:
+    """One small-batch policy-gradient step on an imitation group alone (dreaming's rehearsal);
+    returns the rewards of the student's samples."""
+    if group.teaches:
+        ops = trainer.ops
+        trainer.train_step([group.prompt_ids] * len(group.completions), group.completions,
+                           lambda logits, targets, mask: weight * group.loss(ops, logits, targets, mask))
+    return group.rewards
 
 
 def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str], marker: str) -> list[float]:
