@@ -56,7 +56,6 @@ class SeedingSettings:
     threshold: float = rewards.EDIT_DISTANCE_THRESHOLD
     lti_every: int = 2  # one LTI step after every this many distillation steps (0: no LTI)
     lti_group: int = 4  # samples per prefix: the group of the group-normalised advantage
-    lti_guide: bool = False  # the teacher's answer joins each group (see ``imitation_group``)
     # Rows from earlier nights' prompts added to each batch, as a share of its size (none on a first
     # night). Replay used to take its place in the batch: on the bench's second night 0.25 kept 87-91%
     # of night 1's answers (rejected) and 0.5 kept 96%, but tonight's rows fell from 6 a batch to 2.
@@ -237,7 +236,7 @@ def _lti_group(
     sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
                         seed=rng.randrange(2**31))
     return imitation_group(trainer, row, trainer.decode(answer_tokens[:cut]), group=settings.lti_group,
-                           sampling=sampling, reward=reward, marker=marker, guide=settings.lti_guide)
+                           sampling=sampling, reward=reward, marker=marker)
 
 
 def imitation(gamma: float, threshold: float) -> Reward:
@@ -276,13 +275,13 @@ def imitation_group(
                           losses.group_advantages(ops, ops.asarray(scored)), max(scored) > min(scored))
 
 
-def policy_step(trainer: BlockTrainer, group: ImitationGroup, weight: float = 1.0) -> list[float]:
+def policy_step(trainer: BlockTrainer, group: ImitationGroup) -> list[float]:
     """One small-batch policy-gradient step on an imitation group alone (dreaming's rehearsal);
     returns the rewards of the student's samples."""
     if group.teaches:
         ops = trainer.ops
         trainer.train_step([group.prompt_ids] * len(group.completions), group.completions,
-                           lambda logits, targets, mask: weight * group.loss(ops, logits, targets, mask))
+                           lambda logits, targets, mask: group.loss(ops, logits, targets, mask))
     return group.rewards
 
 
