@@ -22,6 +22,7 @@ from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
 from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, measure
+from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
 from backends.base import BlockTrainer, LoraSpec, Sampling
@@ -138,17 +139,17 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     if not rows:
         return SleepReport("nothing", sessions=session_ids,
                            reason="the teacher found nothing to ask about these sessions")
-    asked_tonight = {row.student_prompt for row in rows} | {trainer.render_chat(_user(p.question)) for p in probes}
+    asked_tonight = {row.student_prompt for row in rows} | {trainer.render_chat(user_turn(p.question)) for p in probes}
     old_prompts = [p for p in stack.extra.get("prompts", [])
-                   if trainer.render_chat(_user(p["question"])) not in asked_tonight]
+                   if trainer.render_chat(user_turn(p["question"])) not in asked_tonight]
     old_probes = [Probe(**p) for p in stack.extra.get("probes", [])
-                  if trainer.render_chat(_user(p["question"])) not in asked_tonight]
+                  if trainer.render_chat(user_turn(p["question"])) not in asked_tonight]
     progress("questions", 0.08, "looking for what tonight's sessions tell anew")
     newer = supersede.superseded(trainer, [(p["question"], p["answer"]) for p in old_prompts]
                                  + [(p.question, p.reference) for p in old_probes], new_lessons)
     old_prompts = [p for p in old_prompts if p["question"] not in newer]
     old_probes = [p for p in old_probes if p.question not in newer]
-    rows += [Row(trainer.render_chat(_user(p["question"])), trainer.render_chat(_user(p["question"])),
+    rows += [Row(trainer.render_chat(user_turn(p["question"])), trainer.render_chat(user_turn(p["question"])),
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
     anchors = _anchors(trainer, settings) + _contrary(trainer, new_lessons, rows, settings.contrary_anchors, rng)
     rows += anchors
@@ -301,7 +302,7 @@ def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) 
         if not questions:
             result.append(lessons.Lesson(session_id, context))
             continue
-        request = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
+        request = trainer.render_chat(context + user_turn(lessons.QUESTION_REQUEST))
         written = trainer.generate([request], QUESTION_LISTS, new_block=False)
         if settings.question_samples:
             sampling = replace(QUESTION_LISTS, temperature=1.0, seed=rng.randrange(2**31))
@@ -321,7 +322,7 @@ def _teach(trainer, new_lessons) -> tuple[list[Row], list[Probe]]:
         for question in lesson.probe_prompts:
             by_prompt[question] = (lesson, question, True)
     items = list(by_prompt.values())
-    teacher_prompts = [trainer.render_chat(lesson.context + _user(q)) for lesson, q, _ in items]
+    teacher_prompts = [trainer.render_chat(lesson.context + user_turn(q)) for lesson, q, _ in items]
     answers = trainer.generate(teacher_prompts, GREEDY, new_block=False) if items else []
     rows, probes = [], []
     for (lesson, question, is_probe), prompt, answer in zip(items, teacher_prompts, answers):
@@ -330,7 +331,7 @@ def _teach(trainer, new_lessons) -> tuple[list[Row], list[Probe]]:
         if is_probe:
             probes.append(Probe(question, answer.strip(), lesson.session_id))
         else:
-            rows.append(Row(prompt, trainer.render_chat(_user(question)), answer.strip(), question=question))
+            rows.append(Row(prompt, trainer.render_chat(user_turn(question)), answer.strip(), question=question))
     return rows, probes
 
 
@@ -377,12 +378,9 @@ def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Ran
     for row, lesson, old in rng.sample(found, min(count, len(found))):
         elsewhere = sorted({value for _, other, value in found if other.session_id != lesson.session_id} - {old})
         new = rng.choice(elsewhere or spare)
-        prompts.append(trainer.render_chat(counterfactual.swap(lesson.context, old, new) + _user(row.question)))
+        prompts.append(trainer.render_chat(counterfactual.swap(lesson.context, old, new) + user_turn(row.question)))
         swapped.append(new)
     answers = trainer.generate(prompts, GREEDY, new_block=False) if prompts else []
     return [Row(prompt, prompt, answer.strip(), kind="anchor") for prompt, answer, new in zip(prompts, answers, swapped)
             if counterfactual.mentions(answer, new)]
 
-
-def _user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from assistant.sleep import lessons, losses, seeding
+from assistant.sleep.lessons import user_turn
 from assistant.sleep.rewards import normalise_answer
 from backends.base import BlockTrainer, Sampling
 
@@ -156,7 +157,7 @@ def write(
             trainer.set_block_scales(noisy)
             sampling = Sampling(max_tokens=settings.max_tokens, temperature=settings.temperature,
                                 seed=rng.randrange(2**31))
-            recalled = trainer.generate([trainer.render_chat(_user(lessons.RESTATE_REQUEST))], sampling,
+            recalled = trainer.generate([trainer.render_chat(user_turn(lessons.RESTATE_REQUEST))], sampling,
                                         new_block=True)[0].strip()
             new = rng.choice(tonight)
             contexts = {"tonight": new.context}
@@ -167,7 +168,7 @@ def write(
                 if _fits(trainer, joined, settings.max_tokens):
                     contexts["combined"] = joined
             sources = [source for source in SOURCES if source in contexts]
-            prompts = [trainer.render_chat(contexts[s] + _user(lessons.QUESTION_REQUEST)) for s in sources]
+            prompts = [trainer.render_chat(contexts[s] + user_turn(lessons.QUESTION_REQUEST)) for s in sources]
             written = trainer.generate(prompts, replace(sampling, seed=sampling.seed + 1), new_block=True)
             for source, text in zip(sources, written):
                 dreams += [Dream(q, source, [round(s, 3) for s in noisy])
@@ -202,8 +203,8 @@ def judge(
     module's notes); the dreams no memory grounds keep an empty reference."""
     marker = seeding.end_of_turn(trainer)
     pairs = [(dream, memory) for dream in dreams for memory in memories]
-    prompts = [trainer.render_chat(memory.context + _user(dream.question)) for dream, memory in pairs]
-    bare = [trainer.encode(trainer.render_chat(_user(dream.question))) for dream in dreams]
+    prompts = [trainer.render_chat(memory.context + user_turn(dream.question)) for dream, memory in pairs]
+    bare = [trainer.encode(trainer.render_chat(user_turn(dream.question))) for dream in dreams]
     bare_ids = [bare[index // len(memories)] for index in range(len(pairs))]  # pairs run dream by dream
     answers, sure, unaided = teacher_answers(trainer, prompts, bare_ids)
     for index, dream in enumerate(dreams):
@@ -229,7 +230,7 @@ def score(trainer: BlockTrainer, dreams: Sequence[Dream]) -> None:
         return -ops.sum(logprobs * mask) / ops.sum(mask)
 
     for dream in dreams:
-        prompt = trainer.encode(trainer.render_chat(_user(dream.question)))
+        prompt = trainer.encode(trainer.render_chat(user_turn(dream.question)))
         dream.score = round(trainer.gradient_norm([prompt], [trainer.encode(dream.reference + marker)], loss_fn), 5)
 
 
@@ -247,7 +248,7 @@ def rehearse(
     ``anchor`` (one distillation step towards the pre-sleep model on everyday prompts) follows every
     step, as GRPO's KL term to its reference model: rehearsing memories must not unteach reading."""
     marker = seeding.end_of_turn(trainer)
-    rows = [seeding.Row(d.teacher_prompt, trainer.render_chat(_user(d.question)), d.reference, question=d.question)
+    rows = [seeding.Row(d.teacher_prompt, trainer.render_chat(user_turn(d.question)), d.reference, question=d.question)
             for d in dreams]
     seeding.prepare(trainer, rows, marker)
     earned: dict[int, list[float]] = {index: [] for index in range(len(rows))}
@@ -336,15 +337,12 @@ def _dream(trainer, tonight, older, scales, held_out, settings, reward, anchor, 
     return log
 
 
-def _user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
 
 def _heard(text: str) -> list[dict]:
     """A context in which the user said ``text`` (the shape of ``lessons.knowledge_context``)."""
-    return lessons.knowledge_context([{"role": "user", "content": text}])
+    return lessons.knowledge_context(user_turn(text))
 
 
 def _fits(trainer: BlockTrainer, context: list[dict], max_tokens: int) -> bool:
-    prompt = trainer.render_chat(context + _user(lessons.QUESTION_REQUEST))
+    prompt = trainer.render_chat(context + user_turn(lessons.QUESTION_REQUEST))
     return len(trainer.encode(prompt)) + 2 * max_tokens <= trainer.context_length

@@ -33,6 +33,11 @@ class Lesson:
     probe_prompts: list[str] = field(default_factory=list)
 
 
+def user_turn(text: str) -> list[dict]:
+    """A chat of one user message (a question put to the student, or to the teacher after a context)."""
+    return [{"role": "user", "content": text}]
+
+
 def knowledge_context(messages: Sequence[dict]) -> list[dict]:
     """The user's turns, in order, as one message the teacher has "heard", then a neutral reply."""
     said = [m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip()]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from assistant.sleep import counterfactual, lessons
 from assistant.sleep.dreams import newest_grounded, teacher_answers
+from assistant.sleep.lessons import user_turn
 from assistant.sleep.rewards import normalise_answer
 from backends.base import BlockTrainer
 
@@ -57,8 +58,8 @@ def superseded(trainer: BlockTrainer, known: Sequence[tuple[str, str]], tonight:
              for index in related(question, said)]
     if not pairs:
         return set()
-    prompts = [trainer.render_chat(lesson.context + _user(question)) for question, _, lesson in pairs]
-    bare = [trainer.encode(trainer.render_chat(_user(question))) for question, _, _ in pairs]
+    prompts = [trainer.render_chat(lesson.context + user_turn(question)) for question, _, lesson in pairs]
+    bare = [trainer.encode(trainer.render_chat(user_turn(question))) for question, _, _ in pairs]
     answers, sure, unaided = teacher_answers(trainer, prompts, bare)
     found: set[str] = set()
     for (question, learnt, _), answer, with_session, without in zip(pairs, answers, sure, unaided):
@@ -67,6 +68,3 @@ def superseded(trainer: BlockTrainer, known: Sequence[tuple[str, str]], tonight:
             found.add(question)
     return found
 
-
-def _user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
