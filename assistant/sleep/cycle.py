@@ -160,7 +160,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                       checkpoint=lambda step: checkpoints.__setitem__(step, trainer.new_block_state()))
     progress("gate", 0.6, f"asking {len(probes)} held-out question(s) of {len(checkpoints)} checkpoint(s)")
     remembered = _remembered(old_probes, old_prompts, settings.gate.retention_probes, rng)
-    gate = Gate(trainer, probes, remembered, settings.gate)
+    gate = Gate(trainer, probes, remembered, settings.gate, stack.extra.get("reading_base"))
     verdict, judged = gate.choose(checkpoints)
     training = {**log.summary(), "superseded": len(newer), "checkpoints": judged}
     dreaming = {}
@@ -184,6 +184,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
         "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in rows if r.kind == "new"],
         "probes": [asdict(p) for p in old_probes + probes],
         "verdict": verdict.record(),
+        "reading_base": gate.reading_base,
     })
     manifest = blocks.save_stack(paths.home, grown)
     adapter_id = ledger.add_adapter(version, str(manifest), parent_version=stack.version or None,
@@ -251,15 +252,21 @@ class Gate:
     sessions, is the unbiased check."""
 
     def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
-                 settings: GateSettings):
+                 settings: GateSettings, reading_base: dict | None = None):
+        """``reading_base``: the in-context reading of the model before the stack's first night, as
+        the stack's manifest keeps ``self.reading_base`` (on a first night, for an older stack, or
+        when the gate reads other sessions now, tonight's reading stands in)."""
         self.trainer, self.probes, self.remembered, self.settings = trainer, probes, remembered, settings
         self.before = measure(trainer, probes, remembered, settings, new_block=False)
+        sessions = [settings.seed, settings.in_context_sessions]
+        known = reading_base if reading_base and reading_base.get("sessions") == sessions else None
+        self.reading_base = {"sessions": sessions, "reading": known["reading"] if known else self.before.in_context}
 
     def judge(self, state) -> Verdict:
         """Wear ``state`` as the new block and judge it."""
         self.trainer.load_new_block_state(state)
         after = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True)
-        return decide(self.before, after, len(self.probes), self.settings)
+        return decide(self.before, after, len(self.probes), self.settings, self.reading_base["reading"])
 
     def choose(self, checkpoints: dict[int, list]) -> tuple[Verdict, list[dict]]:
         """Judge each checkpoint at each of the gate's scales; leave the best in the trainer.
