@@ -5,7 +5,8 @@ sessions and that training never saw; the teacher, with the session in its conte
 reference answer. Recall is the share of probes the model answers *without* the session the way the
 teacher answers *with* it. Retention re-asks earlier nights' probes and the prompts they learnt
 (stored with their answers in the adapter manifests, less those tonight's sessions supersede) and
-measures in-context reading on fresh generated stories, before and after.
+measures in-context reading on fresh generated stories, before and after (and against the reading
+of the model before the stack's first night, so losses cannot add up night by night).
 
 An answer matches its reference when they are equal after ``normalise_answer`` (case, spacing, end
 punctuation): strict on purpose, since a near miss on a name is a wrong name.
