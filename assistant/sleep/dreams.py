@@ -337,7 +337,6 @@ def _dream(trainer, tonight, older, scales, held_out, settings, reward, anchor, 
     return log
 
 
-
 def _heard(text: str) -> list[dict]:
     """A context in which the user said ``text`` (the shape of ``lessons.knowledge_context``)."""
     return lessons.knowledge_context(user_turn(text))

@@ -54,7 +54,7 @@ class SeedingSettings:
     alpha: float = losses.SEEDING_ALPHA
     gamma: float = rewards.IMITATION_GAMMA
     threshold: float = rewards.EDIT_DISTANCE_THRESHOLD
-    lti_every: int = 2  # one LTI step after every this many distillation steps (0: no LTI)
+    lti_every: int = 2  # every this many steps, the step takes an LTI group too (0: no LTI)
     lti_group: int = 4  # samples per prefix: the group of the group-normalised advantage
     # Rows from earlier nights' prompts added to each batch, as a share of its size (none on a first
     # night). Replay used to take its place in the batch: on the bench's second night 0.25 kept 87-91%
