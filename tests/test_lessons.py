@@ -50,9 +50,21 @@ def test_questions_the_user_asked_become_prompts():
     assert lessons.asked_questions(messages) == ["Where is John?", "Where is Mary?"]
 
 
-def test_probes_are_held_out_from_training():
-    train, probes = lessons.split_prompts([f"q{i}?" for i in range(10)] + ["q1?"], 0.3, random.Random(0))
-    assert len(probes) == 3 and len(train) == 7
-    assert not set(train) & set(probes)
-    assert lessons.split_prompts(["a?", "b?"], 0.1, random.Random(0))[1]  # at least one probe
-    assert lessons.split_prompts(["a?"], 0.3, random.Random(0)) == (["a?"], [])
+def test_probes_are_rephrasings_of_what_training_still_teaches():
+    answers = {f"q{i}?": f"Answer {i // 2}." for i in range(10)}  # five answers, two questions each
+    answers["lone?"] = "Only here."
+    probes = lessons.hold_out(answers, 0.3, random.Random(0))
+    assert len(probes) == 3 and "lone?" not in probes
+    taught = {answers[q] for q in answers if q not in probes}
+    assert taught == set(answers.values())  # every answer keeps a question in training
+
+
+def test_answers_that_differ_only_in_case_and_punctuation_are_one_fact():
+    answers = {"a?": "Your dog is called Rex.", "b?": "your dog is called rex", "c?": "You live in Oslo."}
+    assert lessons.hold_out(answers, 0.3, random.Random(0)) in ({"a?"}, {"b?"})
+
+
+def test_without_rephrasings_one_lone_question_is_still_held_out():
+    answers = {"a?": "One.", "b?": "Two.", "c?": "Three."}
+    assert len(lessons.hold_out(answers, 0.1, random.Random(0))) == 1
+    assert lessons.hold_out({"a?": "One."}, 0.3, random.Random(0)) == set()

@@ -41,7 +41,7 @@ class SleepSettings:
     gate: GateSettings = GateSettings()
     dreams: DreamSettings = DreamSettings()
     lr: float = 2e-3
-    probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate
+    probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate (``lessons.hold_out``)
     question_samples: int = 3  # sampled question lists per session, besides the greedy one
     anchors: int = 48  # generic rows that pin the model's everyday behaviour
     # Tonight's questions over sessions that say otherwise (``counterfactual``). In-context reading lost
@@ -135,7 +135,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     session_ids = [row["session_id"] for row in pending]
     progress("questions", 0.05, f"writing questions about {len(session_ids)} session(s)")
     new_lessons = [lesson for sid in session_ids for lesson in _lessons(trainer, store, sid, settings, rng)]
-    rows, probes = _teach(trainer, new_lessons)
+    rows, probes = _teach(trainer, new_lessons, settings.probe_share, rng)
     if not rows:
         return SleepReport("nothing", sessions=session_ids,
                            reason="the teacher found nothing to ask about these sessions")
@@ -315,30 +315,21 @@ def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) 
             sampling = replace(QUESTION_LISTS, temperature=1.0, seed=rng.randrange(2**31))
             written += trainer.generate([request] * settings.question_samples, sampling, new_block=False)
         questions = lessons.asked_questions(window) + [q for text in written for q in lessons.parse_questions(text)]
-        train, probe = lessons.split_prompts(questions, settings.probe_share, rng)
-        result.append(lessons.Lesson(session_id, context, train, probe))
+        result.append(lessons.Lesson(session_id, context, list(dict.fromkeys(questions))))
     return result
 
 
-def _teach(trainer, new_lessons) -> tuple[list[Row], list[Probe]]:
-    """The teacher answers every question with the session in context; later sessions win."""
-    by_prompt: dict[str, tuple[lessons.Lesson, str, bool]] = {}
-    for lesson in new_lessons:
-        for question in lesson.train_prompts:
-            by_prompt[question] = (lesson, question, False)
-        for question in lesson.probe_prompts:
-            by_prompt[question] = (lesson, question, True)
-    items = list(by_prompt.values())
-    teacher_prompts = [trainer.render_chat(lesson.context + user_turn(q)) for lesson, q, _ in items]
-    answers = trainer.generate(teacher_prompts, GREEDY, new_block=False) if items else []
-    rows, probes = [], []
-    for (lesson, question, is_probe), prompt, answer in zip(items, teacher_prompts, answers):
-        if not answer.strip():
-            continue
-        if is_probe:
-            probes.append(Probe(question, answer.strip(), lesson.session_id))
-        else:
-            rows.append(Row(prompt, trainer.render_chat(user_turn(question)), answer.strip(), question=question))
+def _teach(trainer, new_lessons, probe_share: float, rng: random.Random) -> tuple[list[Row], list[Probe]]:
+    """The teacher answers every question with the session in context (later sessions win); a share
+    of the answered questions become the gate's probes (``lessons.hold_out``), the rest rows."""
+    by_question = {question: lesson for lesson in new_lessons for question in lesson.prompts}
+    teacher_prompts = {q: trainer.render_chat(lesson.context + user_turn(q)) for q, lesson in by_question.items()}
+    answers = trainer.generate(list(teacher_prompts.values()), GREEDY, new_block=False) if by_question else []
+    answered = {q: a.strip() for q, a in zip(teacher_prompts, answers) if a.strip()}
+    probe_questions = lessons.hold_out(answered, probe_share, rng)
+    rows = [Row(teacher_prompts[q], trainer.render_chat(user_turn(q)), a, question=q)
+            for q, a in answered.items() if q not in probe_questions]
+    probes = [Probe(q, a, by_question[q].session_id) for q, a in answered.items() if q in probe_questions]
     return rows, probes
 
 
@@ -368,7 +359,7 @@ def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Ran
     what the night consolidates (see ``counterfactual``)."""
     if not count:
         return []
-    owner = {question: lesson for lesson in new_lessons for question in lesson.train_prompts}
+    owner = {question: lesson for lesson in new_lessons for question in lesson.prompts}
     said = {id(lesson): lessons.said(lesson.context) for lesson in new_lessons}
     found = []
     for row in rows:

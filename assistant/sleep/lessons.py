@@ -7,13 +7,16 @@ split into overlapping windows of user turns rather than silently cut.
 
 Prompts come from the session itself: the questions the user asked in it, and questions the teacher
 writes about it when asked (any chat model can; the bundled nano model was trained to). A share of
-the written questions is held out as the gate's probes, never trained on.
+them is held out as the gate's probes, never trained on: rephrasings of what another question
+teaches, so that every fact the teacher asks about is learnt and the gate asks it in words the
+night never trained on, as the user will.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,12 +28,11 @@ _NUMBERED = re.compile(r"^\s*\d+[.)]\s*(.+?\?)\s*$")
 
 @dataclass
 class Lesson:
-    """One window of one session: the teacher's context, and the prompts it answers."""
+    """One window of one session: the teacher's context, and the questions it answers."""
 
     session_id: int
     context: list[dict]
-    train_prompts: list[str] = field(default_factory=list)
-    probe_prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
 
 
 def user_turn(text: str) -> list[dict]:
@@ -89,11 +91,19 @@ def asked_questions(messages: Sequence[dict]) -> list[str]:
     return list(found)
 
 
-def split_prompts(prompts: Sequence[str], probe_share: float, rng: random.Random) -> tuple[list[str], list[str]]:
-    """(train, probes): at least one probe when there are two prompts or more."""
-    shuffled = list(dict.fromkeys(prompts))
-    rng.shuffle(shuffled)
-    probes = int(round(len(shuffled) * probe_share))
-    if len(shuffled) >= 2:
-        probes = max(1, probes)
-    return shuffled[probes:], shuffled[:probes]
+def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> set[str]:
+    """The questions to hold out as probes, about ``share`` of ``answers`` (question -> the teacher's
+    answer): first those whose answer another question also gets, keeping one question per answer
+    for training; a lone question only when no answer has two (and there are two questions or more).
+
+    Holding out questions at random left a fact whose only question was drawn untaught: 20% of
+    the bench's first night went unasked, and recall of those was 0."""
+    if len(answers) < 2:
+        return set()
+    by_answer: dict[str, list[str]] = defaultdict(list)
+    for question, answer in answers.items():
+        by_answer[" ".join(re.findall(r"\w+", answer.lower()))].append(question)
+    spare = [question for questions in by_answer.values() for question in rng.sample(questions, len(questions))[1:]]
+    rng.shuffle(spare)
+    chosen = spare[: max(1, round(len(answers) * share))]
+    return set(chosen or [rng.choice(sorted(answers))])
