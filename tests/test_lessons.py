@@ -68,3 +68,21 @@ def test_without_rephrasings_one_lone_question_is_still_held_out():
     answers = {"a?": "One.", "b?": "Two.", "c?": "Three."}
     assert len(lessons.hold_out(answers, 0.1, random.Random(0))) == 1
     assert lessons.hold_out({"a?": "One."}, 0.3, random.Random(0)) == set()
+
+
+def test_a_framed_question_keeps_its_words_after_a_lead_in():
+    assert lessons.framed("Where do I live?", "Hey, {}") == "Hey, where do I live?"
+    assert lessons.framed("Where do I live?", "I forgot. {}") == "I forgot. Where do I live?"
+    assert lessons.framed("I wonder, what is it?", "Tell me, {}") == "Tell me, I wonder, what is it?"
+
+
+def test_no_framing_is_a_phrasing_the_bench_holds_out():
+    """The bench asks in phrasings the model never writes; a framing that began one would teach the
+    probe's own words and flatter recall."""
+    from assistant.nano.world import World
+
+    world = World(7, heldout=True)
+    heldout = {question.lower() for _ in range(300) for question in world.fact().heldout_questions}
+    leads = {framing.format("").strip(" ,:.").lower() for framing in lessons.FRAMINGS}
+    assert len(heldout) > 100 and leads
+    assert not [question for question in heldout for lead in leads if question.startswith(lead)]

@@ -30,8 +30,6 @@ pytestmark = [
 GREEDY = Sampling(max_tokens=40, temperature=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="a night of this one short session does not raise the nano model's recall "
-                                       "of its held-out probes, so the gate rejects it (issue 4)")
 def test_sleep_learns_the_users_words_not_the_assistants_mistake(tmp_path):
     paths = open_paths(tmp_path / "home")
     config = load_config(paths).with_overrides(model="nano", backend="torch")

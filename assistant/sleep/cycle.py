@@ -42,6 +42,7 @@ class SleepSettings:
     dreams: DreamSettings = DreamSettings()
     lr: float = 2e-3
     probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate (``lessons.hold_out``)
+    framings: int = 2  # each taught question is also asked in this many ``lessons.FRAMINGS``
     question_samples: int = 3  # sampled question lists per session, besides the greedy one
     anchors: int = 48  # generic rows that pin the model's everyday behaviour
     # Tonight's questions over sessions that say otherwise (``counterfactual``). In-context reading lost
@@ -135,7 +136,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     session_ids = [row["session_id"] for row in pending]
     progress("questions", 0.05, f"writing questions about {len(session_ids)} session(s)")
     new_lessons = [lesson for sid in session_ids for lesson in _lessons(trainer, store, sid, settings, rng)]
-    rows, probes = _teach(trainer, new_lessons, settings.probe_share, rng)
+    rows, probes = _teach(trainer, new_lessons, settings, rng)
     if not rows:
         return SleepReport("nothing", sessions=session_ids,
                            reason="the teacher found nothing to ask about these sessions")
@@ -181,7 +182,8 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     grown = replace(grown, extra={
         "model": model.ref,
         "weights": model.weights,
-        "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in rows if r.kind == "new"],
+        "prompts": old_prompts + list({r.question: {"question": r.question, "answer": r.answer}
+                                       for r in rows if r.kind == "new"}.values()),
         "probes": [asdict(p) for p in old_probes + probes],
         "verdict": verdict.record(),
         "reading_base": gate.reading_base,
@@ -319,16 +321,18 @@ def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) 
     return result
 
 
-def _teach(trainer, new_lessons, probe_share: float, rng: random.Random) -> tuple[list[Row], list[Probe]]:
+def _teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) -> tuple[list[Row], list[Probe]]:
     """The teacher answers every question with the session in context (later sessions win); a share
-    of the answered questions become the gate's probes (``lessons.hold_out``), the rest rows."""
+    of the answered questions become the gate's probes (``lessons.hold_out``), the rest rows, each
+    put to the student as asked and in ``settings.framings`` framings."""
     by_question = {question: lesson for lesson in new_lessons for question in lesson.prompts}
     teacher_prompts = {q: trainer.render_chat(lesson.context + user_turn(q)) for q, lesson in by_question.items()}
     answers = trainer.generate(list(teacher_prompts.values()), GREEDY, new_block=False) if by_question else []
     answered = {q: a.strip() for q, a in zip(teacher_prompts, answers) if a.strip()}
-    probe_questions = lessons.hold_out(answered, probe_share, rng)
-    rows = [Row(teacher_prompts[q], trainer.render_chat(user_turn(q)), a, question=q)
-            for q, a in answered.items() if q not in probe_questions]
+    probe_questions = lessons.hold_out(answered, settings.probe_share, rng)
+    rows = [Row(teacher_prompts[q], trainer.render_chat(user_turn(asked)), a, question=q)
+            for q, a in answered.items() if q not in probe_questions
+            for asked in [q] + [lessons.framed(q, f) for f in rng.sample(lessons.FRAMINGS, settings.framings)]]
     probes = [Probe(q, a, by_question[q].session_id) for q, a in answered.items() if q in probe_questions]
     return rows, probes
 
@@ -362,9 +366,9 @@ def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Ran
     owner = {question: lesson for lesson in new_lessons for question in lesson.prompts}
     said = {id(lesson): lessons.said(lesson.context) for lesson in new_lessons}
     found = []
-    for row in rows:
+    for row in {row.question: row for row in rows if row.kind == "new"}.values():  # framed ones once
         lesson = owner.get(row.question)
-        if row.kind != "new" or lesson is None:
+        if lesson is None:
             continue
         others = [said[id(other)] for other in new_lessons if other.session_id != lesson.session_id]
         values = counterfactual.values(row.answer, row.question, said[id(lesson)], others)

@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 QUESTION_REQUEST = "What questions could I ask about this conversation?"
 RESTATE_REQUEST = "What did I tell you?"
 ACKNOWLEDGEMENT = "Noted."
+# Ways a user may lead into a question, none of them a question's own wording: the student is asked
+# each taught question in a few of them as well, so that what it learns answers the question however
+# it is put, not only after the teacher's exact words. Taught only in the teacher's words, the bench's
+# first night recalled 57% and 43% (sleep seeds 0 and 3) of questions in phrasings it never saw
+# ("Do you remember what my dog is called?"); with two framings a question, 67% and 63%.
+FRAMINGS = ("Quick question: {}", "I forgot. {}", "Hey, {}", "Tell me, {}", "Sorry to ask again, {}")
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s*(.+?\?)\s*$")
 
 
@@ -44,6 +50,13 @@ def knowledge_context(messages: Sequence[dict]) -> list[dict]:
     """The user's turns, in order, as one message the teacher has "heard", then a neutral reply."""
     said = [m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip()]
     return [{"role": "user", "content": "\n".join(said)}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
+
+
+def framed(question: str, framing: str) -> str:
+    """``question`` led in by one of the ``FRAMINGS`` ("Hey, where do I live?")."""
+    if framing.endswith(", {}") and question[:2] != question[:2].upper():
+        question = question[0].lower() + question[1:]
+    return framing.format(question)
 
 
 def said(context: Sequence[dict]) -> str:
