@@ -18,7 +18,7 @@ from assistant.nano import evaluate
 ABLATIONS = {"no_dream", "no_selection", "no_noise"}
 METHODS = {"in_context", "floor", "sleep", "finetune", "distill_only"} | ABLATIONS
 PER_DATA_SET = {"methods", "retention", "in_context_drop", "nights", "seconds_per_night", "latest_recall",
-                "per_night", "ablations", "skipped"}
+                "each_night", "per_night", "ablations", "skipped"}
 
 STORY = """\
 1 Mary moved to the bathroom.
@@ -83,6 +83,13 @@ def test_measures():
     assert {(q.slot, q.value) for q in bench.latest_questions(nights)} == {("a", "1"), ("b", "3")}
 
 
+def test_every_night_pools_its_probes_weighted_by_their_number():
+    pooled = bench.each_night([0.5, 1.0, None], [1.0, 1.0, None], [0.0, 0.5, None], probes=[2, 6, 0])
+    assert pooled["recall"] == pytest.approx((0.5 * 2 + 1.0 * 6) / 8)
+    assert pooled["floor"] == pytest.approx(0.375) and pooled["in_context"] == 1.0
+    assert pooled["cr"] == pytest.approx((0.875 - 0.375) / (1.0 - 0.375)) and pooled["probes"] == 8
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench-sleep")
@@ -111,6 +118,10 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
         assert method["probes"] == 4
     assert generated["retention"] is None or generated["retention"] >= 0
     assert -100 <= generated["in_context_drop"] <= 100
+    each = generated["each_night"]
+    assert each["probes"] == 8 and each["promoted"] == sum(n["status"] == "promoted" for n in generated["per_night"])
+    assert each["recall"] == pytest.approx(sum(n["recall"] for n in generated["per_night"]) / 2)
+    assert each["in_context"] is not None and each["floor"] is not None
 
 
 @pytest.mark.slow

@@ -25,7 +25,10 @@ night of night 1's probes whose topic no later night told again, over the same p
 night 1 (None when that was 0 or no such probe is left; bAbI reuses its four names, so it rarely
 has any); ``latest_recall`` = recall of every topic's latest value after the last night (a newer
 fact must win); ``in_context_drop`` = in-context accuracy on fresh generated sessions before the
-first night minus after the last, in points; ``seconds_per_night`` = the median night.
+first night minus after the last, in points; ``seconds_per_night`` = the median night;
+``each_night`` = every night's probes asked of the live adapter right after that night, pooled, and
+their CR against the bare model reading the same probes in context and alone: one night's
+consolidation measured on all the nights, where night 1 alone asks too few (3 or 4 on bAbI).
 """
 
 from __future__ import annotations
@@ -180,6 +183,20 @@ def consolidation_ratio(recall: float | None, floor: float | None, in_context: f
     return (recall - floor) / (in_context - floor)
 
 
+def each_night(recalls: Sequence[float | None], in_context: Sequence[float | None], floor: Sequence[float | None],
+               probes: Sequence[int]) -> dict:
+    """Every night's probes asked right after that night, pooled over the nights (each weighted by
+    its probes), with the bare model's reading of the same probes in context and alone: "after one
+    night" measured on every night, not on the first alone (a bAbI night asks 3 or 4 probes)."""
+    def pool(values: Sequence[float | None]) -> float | None:
+        weighted = [(value, count) for value, count in zip(values, probes) if value is not None and count]
+        return sum(v * c for v, c in weighted) / sum(c for _, c in weighted) if weighted else None
+
+    recall, ceiling, bottom = pool(recalls), pool(in_context), pool(floor)
+    return {"recall": recall, "in_context": ceiling, "floor": bottom,
+            "cr": consolidation_ratio(recall, bottom, ceiling), "probes": sum(probes)}
+
+
 def unsuperseded(nights: Sequence[Night]) -> list[int]:
     """Indexes of night 1's questions whose topic no later night tells again."""
     later = {q.slot for night in nights[1:] for q in night.questions}
@@ -263,17 +280,29 @@ def _open(config: Config, adapters=(), settings: SleepSettings = SleepSettings()
                                 seed=settings.seed))
 
 
+def _read(trainer, night: Night, *, in_context: bool) -> list[bool]:
+    """A night's probes, each after its session (in_context) or alone (the floor)."""
+    if not in_context:
+        return probe(trainer, night.questions)
+    return _ask(trainer, [night.sessions[q.session] + [{"role": "user", "content": q.text}] for q in night.questions],
+                [q.value for q in night.questions])
+
+
 def reading(config: Config, night: Night, *, in_context: bool, say: Say) -> dict:
     """The bare model on night 1's probes, each after its session (in_context) or alone (floor)."""
     span = Span()
     say("reading with the session in context" if in_context else "the bare model without context")
     with _open(config) as trainer:
-        if in_context:
-            hits = _ask(trainer, [night.sessions[q.session] + [{"role": "user", "content": q.text}]
-                                  for q in night.questions], [q.value for q in night.questions])
-        else:
-            hits = probe(trainer, night.questions)
+        hits = _read(trainer, night, in_context=in_context)
     return {"recall": share(hits), **span.record()}
+
+
+def nightly_readings(config: Config, nights: Sequence[Night], say: Say) -> dict:
+    """The bare model on every night's probes, in context and alone: each night's ceiling and floor."""
+    say("reading every night's probes, in context and alone")
+    with _open(config) as trainer:
+        return {"in_context": [share(_read(trainer, night, in_context=True)) for night in nights],
+                "floor": [share(_read(trainer, night, in_context=False)) for night in nights]}
 
 
 def bare_in_context(config: Config, fresh: tuple[int, int], say: Say) -> dict:
@@ -418,6 +447,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     }
     fresh = (bench.in_context_sessions, bench.seed + 1)
     before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
+    bare = isolated(nightly_readings, config, nights, say=say)
     slept = isolated(sleeping, config, nights, settings, fresh, say=say)
     first = slept["per_night"][0]
     methods["sleep"] = {key: first[key] for key in NIGHT_KEYS}
@@ -429,7 +459,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     for method in methods.values():
         method["cr"] = consolidation_ratio(method["recall"], floor, ceiling)
         method["probes"] = len(nights[0].questions)
-    ablations = ablate(config, nights, settings, slept, say) if len(nights) >= ABLATION_NIGHT else {}
+    ablations = ablate(config, nights, settings, slept, bare, say) if len(nights) >= ABLATION_NIGHT else {}
     methods.update({name: row for name, row in ablations.items() if name != "sleep"})
     after = slept["in_context_after"]
     return {
@@ -439,6 +469,9 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "in_context_before": before,
         "in_context_after": after,
         "latest_recall": slept["latest_recall"],
+        "each_night": {**each_night([n["recall"] for n in slept["per_night"]], bare["in_context"], bare["floor"],
+                                    [len(night.questions) for night in nights]),
+                       "promoted": sum(n["status"] == "promoted" for n in slept["per_night"])},
         "nights": len(nights),
         "seconds_per_night": round(statistics.median(n["seconds"] for n in slept["per_night"]), 1),
         "per_night": slept["per_night"],
@@ -447,13 +480,13 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     }
 
 
-def ablate(config: Config, nights: Sequence[Night], settings: SleepSettings, slept: dict, say: Say) -> dict:
+def ablate(config: Config, nights: Sequence[Night], settings: SleepSettings, slept: dict, bare: dict,
+           say: Say) -> dict:
     """The dreaming ablations, each slept from scratch over the first ``ABLATION_NIGHT`` nights with
     the same seeds as the full sleep, compared on that night's paraphrased probes (CR against that
-    night's own in-context and floor readings). The full sleep's row is its run's same night."""
+    night's own in-context and floor readings in ``bare``). The full sleep's row is its run's same night."""
     night = nights[ABLATION_NIGHT - 1]
-    floor = isolated(reading, config, night, in_context=False, say=say)["recall"]
-    ceiling = isolated(reading, config, night, in_context=True, say=say)["recall"]
+    floor, ceiling = bare["floor"][ABLATION_NIGHT - 1], bare["in_context"][ABLATION_NIGHT - 1]
     rows = {"sleep": slept["per_night"][ABLATION_NIGHT - 1]}
     for name, variant in DREAM_ABLATIONS.items():
         rows[name] = isolated(sleeping, config, nights[:ABLATION_NIGHT], variant(settings), None,
@@ -467,7 +500,8 @@ def ablate(config: Config, nights: Sequence[Night], settings: SleepSettings, sle
 
 
 def skipped(reason: str) -> dict:
-    return {"methods": {}, "ablations": {}, "retention": None, "in_context_drop": None, "latest_recall": None, "nights": 0,
+    return {"methods": {}, "ablations": {}, "retention": None, "in_context_drop": None, "latest_recall": None,
+            "each_night": None, "nights": 0,
             "seconds_per_night": None, "per_night": [], "skipped": reason}
 
 
@@ -523,7 +557,11 @@ def results_table(result: dict) -> Table:
             note += f", night {row['night']}" if "night" in row else ""
             table.add_row(name, method + note, _percent(row["recall"]), _number(row["cr"]),
                           f"{row['seconds']:.1f}", f"{row['cpu_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
-        nights, drop = data["nights"], data["in_context_drop"]
+        nights, drop, each = data["nights"], data["in_context_drop"], data["each_night"]
+        table.add_row(name, f"every night's probes after that night ({each['probes']}, "
+                            f"{each['promoted']}/{nights} promoted)", _percent(each["recall"]), _number(each["cr"]))
+        table.add_row(name, "  the same probes read in context", _percent(each["in_context"]))
+        table.add_row(name, "  the same probes asked alone before sleep", _percent(each["floor"]))
         table.add_row(name, f"retention of night 1 after {nights} nights", _percent(data["retention"]))
         table.add_row(name, f"latest values after {nights} nights", _percent(data["latest_recall"]))
         table.add_row(name, "in-context drop, points", "n/a" if drop is None else f"{drop:.1f}")
