@@ -53,21 +53,28 @@ def test_questions_the_user_asked_become_prompts():
 def test_probes_are_rephrasings_of_what_training_still_teaches():
     answers = {f"q{i}?": f"Answer {i // 2}." for i in range(10)}  # five answers, two questions each
     answers["lone?"] = "Only here."
-    probes = lessons.hold_out(answers, 0.3, random.Random(0))
-    assert len(probes) == 3 and "lone?" not in probes
-    taught = {answers[q] for q in answers if q not in probes}
+    held, lone = lessons.hold_out(answers, 0.3, random.Random(0))
+    assert len(held) == 3 and "lone?" not in held and lone == []
+    taught = {answers[q] for q in answers if q not in held}
     assert taught == set(answers.values())  # every answer keeps a question in training
 
 
 def test_answers_that_differ_only_in_case_and_punctuation_are_one_fact():
     answers = {"a?": "Your dog is called Rex.", "b?": "your dog is called rex", "c?": "You live in Oslo."}
-    assert lessons.hold_out(answers, 0.3, random.Random(0)) in ({"a?"}, {"b?"})
+    held, lone = lessons.hold_out(answers, 0.3, random.Random(0))
+    assert held in ({"a?"}, {"b?"}) and lone == []
 
 
-def test_without_rephrasings_one_lone_question_is_still_held_out():
-    answers = {"a?": "One.", "b?": "Two.", "c?": "Three."}
-    assert len(lessons.hold_out(answers, 0.1, random.Random(0))) == 1
-    assert lessons.hold_out({"a?": "One."}, 0.3, random.Random(0)) == set()
+def test_without_rephrasings_lone_questions_fill_the_share_and_stay_in_training():
+    answers = {f"Where is {name}?": f"{name} is in the {room}." for name, room in
+               [("John", "hallway"), ("Mary", "garden"), ("Sandra", "office"), ("Daniel", "kitchen"), ("Eve", "bath")]}
+    held, lone = lessons.hold_out(answers, 0.3, random.Random(0))
+    assert held == set() and len(lone) == 2 and set(lone) <= set(answers)
+    mixed = {"a?": "One.", "b?": "one", "c?": "Two.", "d?": "Three.", "e?": "Four."}
+    held, lone = lessons.hold_out(mixed, 0.4, random.Random(0))  # two wanted, one rephrasing
+    assert len(held) == 1 and held <= {"a?", "b?"} and len(lone) == 1 and lone[0] in {"c?", "d?", "e?"}
+    assert lessons.hold_out({"a?": "One."}, 0.3, random.Random(0)) == (set(), ["a?"])
+    assert lessons.hold_out({}, 0.3, random.Random(0)) == (set(), [])
 
 
 def test_a_framed_question_keeps_its_words_after_a_lead_in():

@@ -164,3 +164,38 @@ def test_contrary_anchors_are_tonights_questions_over_sessions_that_say_otherwis
         assert anchor.kind == "anchor" and anchor.teacher_prompt == anchor.student_prompt
         [value] = [value for said, value in swapped.items() if said in anchor.student_prompt]
         assert value in anchor.answer  # the pre-sleep model read the session that says otherwise
+
+
+def test_a_fact_asked_once_is_taught_and_the_gate_asks_it_in_a_framing_training_did_not_use():
+    said = "John went to the hallway. Mary moved to the garden."
+    night = [lessons.Lesson(1, lessons.knowledge_context([{"role": "user", "content": said}]),
+                            ["Where is John?", "Where is Mary?"])]
+    trainer = open_trainer("torch", NANO_DIR)
+    try:
+        rows, probes = cycle._teach(trainer, night, SleepSettings(), random.Random(0))
+        [probe] = probes
+        probe_prompt = trainer.render_chat(lessons.user_turn(probe.question))
+    finally:
+        trainer.close()
+    assert {row.question for row in rows} == {"Where is John?", "Where is Mary?"}  # both taught
+    assert {row.answer for row in rows} == {"John is in the hallway.", "Mary is in the garden."}
+    assert len(rows) == 2 * (1 + SleepSettings().framings)
+    assert probe.question[:5] != "Where" and probe.question.lower().endswith(("where is john?", "where is mary?"))
+    assert probe_prompt not in {row.student_prompt for row in rows}  # a framing its training did not use
+
+
+def test_a_night_of_one_story_contradicts_it_with_its_own_other_rooms():
+    story = "John went to the hallway. Mary moved to the garden."
+    night = [lessons.Lesson(1, lessons.knowledge_context([{"role": "user", "content": story}]),
+                            ["Where is John?", "Where is Mary?"])]
+    rows = [Row("", "", "John is in the hallway.", question="Where is John?"),
+            Row("", "", "Mary is in the garden.", question="Where is Mary?")]
+    trainer = open_trainer("torch", NANO_DIR)
+    try:
+        anchors = cycle._contrary(trainer, night, rows, 4, random.Random(0))
+    finally:
+        trainer.close()
+    assert anchors
+    for anchor in anchors:
+        swapped = "John went to the garden" in anchor.student_prompt or "Mary moved to the hallway" in anchor.student_prompt
+        assert swapped and anchor.answer in ("John is in the garden.", "Mary is in the hallway.")

@@ -329,11 +329,17 @@ def _teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) ->
     teacher_prompts = {q: trainer.render_chat(lesson.context + user_turn(q)) for q, lesson in by_question.items()}
     answers = trainer.generate(list(teacher_prompts.values()), GREEDY, new_block=False) if by_question else []
     answered = {q: a.strip() for q, a in zip(teacher_prompts, answers) if a.strip()}
-    probe_questions = lessons.hold_out(answered, settings.probe_share, rng)
-    rows = [Row(teacher_prompts[q], trainer.render_chat(user_turn(asked)), a, question=q)
-            for q, a in answered.items() if q not in probe_questions
-            for asked in [q] + [lessons.framed(q, f) for f in rng.sample(lessons.FRAMINGS, settings.framings)]]
-    probes = [Probe(q, a, by_question[q].session_id) for q, a in answered.items() if q in probe_questions]
+    held, lone = lessons.hold_out(answered, settings.probe_share, rng)
+    rows, framings = [], {}
+    for q, a in answered.items():
+        if q not in held:
+            framings[q] = rng.sample(lessons.FRAMINGS, settings.framings)
+            rows += [Row(teacher_prompts[q], trainer.render_chat(user_turn(asked)), a, question=q)
+                     for asked in [q] + [lessons.framed(q, f) for f in framings[q]]]
+    probes = [Probe(q, a, by_question[q].session_id) for q, a in answered.items() if q in held]
+    for q in lone:
+        unused = [f for f in lessons.FRAMINGS if f not in framings[q]] or list(lessons.FRAMINGS)
+        probes.append(Probe(lessons.framed(q, rng.choice(unused)), answered[q], by_question[q].session_id))
     return rows, probes
 
 
@@ -358,7 +364,8 @@ def _anchors(trainer, settings) -> list[Row]:
 
 def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Random) -> list[Row]:
     """Up to ``count`` of tonight's questions asked over a copy of their session whose value is
-    another session's (a generated name or place when there is no other session), with the
+    another session's (on a night of one session, another of its own values; a generated name or
+    place when there is none), with the
     pre-sleep model's answer when it reads the swapped value: the context must keep winning over
     what the night consolidates (see ``counterfactual``)."""
     if not count:
@@ -379,7 +386,8 @@ def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Ran
     prompts, swapped = [], []
     for row, lesson, old in rng.sample(found, min(count, len(found))):
         elsewhere = sorted({value for _, other, value in found if other.session_id != lesson.session_id} - {old})
-        new = rng.choice(elsewhere or spare)
+        own = sorted({value for *_, value in found} - {old})  # a night of one story: its other rooms
+        new = rng.choice(elsewhere or own or spare)
         prompts.append(trainer.render_chat(counterfactual.swap(lesson.context, old, new) + user_turn(row.question)))
         swapped.append(new)
     answers = trainer.generate(prompts, GREEDY, new_block=False) if prompts else []

@@ -104,19 +104,24 @@ def asked_questions(messages: Sequence[dict]) -> list[str]:
     return list(found)
 
 
-def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> set[str]:
-    """The questions to hold out as probes, about ``share`` of ``answers`` (question -> the teacher's
-    answer): first those whose answer another question also gets, keeping one question per answer
-    for training; a lone question only when no answer has two (and there are two questions or more).
+def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple[set[str], list[str]]:
+    """The gate's probes among ``answers`` (question -> the teacher's answer), about ``share`` of
+    them (one at least): ``(held, lone)``. ``held`` leave training: questions whose answer another
+    question also gets (one question per answer stays in training). When there are too few of
+    those, ``lone`` questions (no other question gets their answer) fill the share: they stay in
+    training, and the gate asks them in a framing their training did not use.
 
     Holding out questions at random left a fact whose only question was drawn untaught: 17% and
-    20% of the bench's first night (sleep seeds 0 and 3) were never trained on, and none recalled."""
-    if len(answers) < 2:
-        return set()
+    20% of the bench's first night (sleep seeds 0 and 3) were never trained on, and none recalled.
+    A bAbI night asks "Where is X?" once per person, so its one probe was a person left untaught."""
+    if not answers:
+        return set(), []
     by_answer: dict[str, list[str]] = defaultdict(list)
     for question, answer in answers.items():
         by_answer[" ".join(re.findall(r"\w+", answer.lower()))].append(question)
     spare = [question for questions in by_answer.values() for question in rng.sample(questions, len(questions))[1:]]
     rng.shuffle(spare)
-    chosen = spare[: max(1, round(len(answers) * share))]
-    return set(chosen or [rng.choice(sorted(answers))])
+    wanted = max(1, round(len(answers) * share))
+    held = spare[:wanted]
+    lone = sorted(questions[0] for questions in by_answer.values() if len(questions) == 1)
+    return set(held), rng.sample(lone, min(len(lone), wanted - len(held))) if len(held) < wanted else []
