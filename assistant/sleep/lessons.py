@@ -8,8 +8,9 @@ split into overlapping windows of user turns rather than silently cut.
 Prompts come from the session itself: the questions the user asked in it, and questions the teacher
 writes about it when asked (any chat model can; the bundled nano model was trained to). A share of
 them is held out as the gate's probes, never trained on: rephrasings of what another question
-teaches, so that every fact the teacher asks about is learnt and the gate asks it in words the
-night never trained on, as the user will.
+teaches (or a question asked once, after a lead-in its training did not use), so that every fact
+the teacher asks about is learnt and the gate asks it in words the night never trained on, as the
+user will.
 """
 
 from __future__ import annotations
