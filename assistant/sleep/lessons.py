@@ -21,6 +21,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from assistant.sleep.rewards import normalise_answer
+
 QUESTION_REQUEST = "What questions could I ask about this conversation?"
 RESTATE_REQUEST = "What did I tell you?"
 ACKNOWLEDGEMENT = "Noted."
@@ -119,7 +121,7 @@ def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple
         return set(), []
     by_answer: dict[str, list[str]] = defaultdict(list)
     for question, answer in answers.items():
-        by_answer[" ".join(re.findall(r"\w+", answer.lower()))].append(question)
+        by_answer[normalise_answer(answer)].append(question)  # the same answer as the gate sees it
     spare = [question for questions in by_answer.values() for question in rng.sample(questions, len(questions))[1:]]
     rng.shuffle(spare)
     wanted = max(1, round(len(answers) * share))
