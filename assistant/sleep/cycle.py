@@ -182,8 +182,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     grown = replace(grown, extra={
         "model": model.ref,
         "weights": model.weights,
-        "prompts": old_prompts + list({r.question: {"question": r.question, "answer": r.answer}
-                                       for r in rows if r.kind == "new"}.values()),
+        "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in _taught(rows)],
         "probes": [asdict(p) for p in old_probes + probes],
         "verdict": verdict.record(),
         "reading_base": gate.reading_base,
@@ -343,6 +342,11 @@ def _teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) ->
     return rows, probes
 
 
+def _taught(rows: list[Row]) -> list[Row]:
+    """Tonight's rows, one per question (its framed copies share the question and the answer)."""
+    return list({row.question: row for row in rows if row.kind == "new"}.values())
+
+
 def _anchors(trainer, settings) -> list[Row]:
     """Everyday prompts (small talk, reading facts and stories in context) and the pre-sleep model's
     answers: a night that teaches answering from memory must not unteach reading the context."""
@@ -373,7 +377,7 @@ def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Ran
     owner = {question: lesson for lesson in new_lessons for question in lesson.prompts}
     said = {id(lesson): lessons.said(lesson.context) for lesson in new_lessons}
     found = []
-    for row in {row.question: row for row in rows if row.kind == "new"}.values():  # framed ones once
+    for row in _taught(rows):
         lesson = owner.get(row.question)
         if lesson is None:
             continue
