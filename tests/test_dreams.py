@@ -62,6 +62,50 @@ def test_a_confident_answer_the_memory_does_not_explain_is_no_reference():
     assert dreams.newest_grounded([0.9, 0.95], [0.1, 0.9], 0.5, 2.0) == 0
 
 
+NIGHT = [
+    "Nova is the name of my dog.\nI have a ferret named Poppy.",
+    "The flower I like most is jasmine. Mei lives in Austin. Eric lives in Stockholm.",
+    "My favourite drink is cocoa.\nI have a physiotherapist appointment on Saturday at 7:30 am.",
+    "Eric works as a gardener. I'm seeing the accountant on Tuesday at 1:30 pm.",
+    "Alexander works as a sailor. The instrument I like most is harp.",
+]
+
+
+@pytest.mark.parametrize("question, about", [
+    ("Which city does Mei live in?", [1]),
+    ("What is my dog's name?", [0]),
+    ("Which drink do I like most?", [2]),  # "drink" is said once; "like" and "most" twice
+    ("What does Eric do for a living?", [1, 3]),
+    ("Where does Henre live?", []),  # a name nobody said: nobody was asked about
+    ("Where do I live?", []),
+])
+def test_a_question_is_about_the_memories_that_say_its_most_specific_word(question, about):
+    assert dreams.relevant(question, NIGHT) == about
+
+
+def test_a_name_said_in_every_memory_still_picks_them_all():
+    stories = ["Mary went to the office.", "Mary moved to the hall.", "John went to the garden."]
+    assert dreams.relevant("Where is Mary?", stories) == [0, 1]
+    assert dreams.relevant("Where is Mary?", stories[:2]) == [0, 1]
+    assert dreams.relevant("What is my dog's name?", ["My dog is called Rex."]) == [0]
+
+
+def test_a_dream_is_judged_on_what_it_was_written_about_and_what_supersedes_it():
+    stories = ["Mary went to the office.", "John moved to the hall.", "Mary went back to the attic."]
+    about_first = dreams.Dream("Where is Mary?", "tonight", [], (11,))
+    assert dreams.candidates(about_first, [11, 12, 13], stories) == [0, 2]  # the newer story about Mary
+    about_john = dreams.Dream("Where is John?", "tonight", [], (12,))
+    assert dreams.candidates(about_john, [11, 12, 13], stories) == [1]
+    combined = dreams.Dream("Where is Mary?", "combined", [], (11, 12))
+    assert dreams.candidates(combined, [11, 12, 13], stories) == [0, 2]  # John's story says nothing of Mary
+    recollection = dreams.Dream("Where is Mary?", "recollection", [])
+    assert dreams.candidates(recollection, [11, 12, 13], stories) == [0, 2]
+    made_up = dreams.Dream("Where is Azost?", "tonight", [], (11,))
+    assert dreams.candidates(made_up, [11, 12, 13], stories) == []
+    garbled = dreams.Dream("What is myOAWho is my playroo?", "tonight", [], (11,))
+    assert dreams.candidates(garbled, [11, 12, 13], stories) == []
+
+
 @pytest.mark.parametrize("question, ok", [
     ("Where is Mary?", True),
     ("What is my sister's name?", True),

@@ -9,16 +9,18 @@ the cycle keeps the consolidated weights, and the gate later promotes whichever 
    - one of tonight's sessions (new phrasings of what it was told),
    - one of tonight's sessions joined with a session of an earlier night (old and new together),
    - what it recalls being told, with no session in context at all (its own memory, under noise);
-2. judge: the teacher (the pre-sleep model as it is) answers each dream with each memory in its
-   context. An answer counts only if the teacher is confident of it *and* the memory is what makes
-   it confident (the same answer is several times less likely with no memory in context: a teacher
-   answering from a memory that does not hold the fact is confident too, but not because of the
-   memory). The reference is the newest such memory's answer (a newer fact supersedes an older
-   one); a dream no memory answers this way is discarded: there are no gold answers;
+2. judge: the teacher (the pre-sleep model as it is) answers each dream with each memory it may
+   be about in its context: the sessions it was written about and newer ones that say the same
+   specific words (a recollection: the memories that say its most specific word; ``candidates``).
+   An answer counts only if the teacher is confident of it *and* the memory is what makes it
+   confident (the same answer is several times less likely with no memory in context). The
+   reference is the newest such memory's answer (a newer fact supersedes an older one); a dream
+   no memory answers this way is discarded: there are no gold answers;
 3. select: each dream is scored by the norm of the new block's gradient of its supervised loss
    (how much the consolidated model still has to learn from it); the top k and b random others
    are kept ("random" selection, the ablation, keeps k + b at random);
-4. rehearse: small-batch RL on the kept dreams, GRPO-style as in LTI (a group of samples per dream,
+4. rehearse: small-batch RL on the kept dreams, each asked as written or after a lead-in
+   (``lessons.FRAMINGS``), GRPO-style as in LTI (a group of samples per dream,
    group-normalised advantages, the same imitation reward against the teacher's reference), with
    the reference itself as one more member of each group, so a dream the student cannot yet answer
    at all still teaches it something.
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from assistant.sleep import lessons, losses, seeding
+from assistant.sleep import counterfactual, lessons, losses, seeding
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.rewards import normalise_answer
 from backends.base import BlockTrainer, Sampling
@@ -54,10 +56,14 @@ class DreamSettings:
     steps: int = 24  # rehearsal steps, one dream and a group of samples each
     group: int = 4
     guide: bool = True  # the teacher's reference joins each group (see ``seeding.imitation_group``)
+    framings: int = 2  # each step asks its dream as written or after one of this many ``lessons.FRAMINGS``
     confidence: float = 0.5  # the teacher's least mean token probability for a reference
     grounding: float = 2.0  # how many times likelier the memory must make the reference than no memory
     # The rehearsal's own rate. Measured on the bench's first generated night: at 1e-3 the dreamt copy's
     # in-context reading fell from 56% to 41% (the gate kept the consolidated block); at 2e-4 it held.
+    # Measured again with the judge of ``candidates`` (sleep seeds 0 and 1, 30 held-out probes): at
+    # 2e-4 and 24 steps the dreamt copy recalled exactly what the consolidated one did (67%, 63%); at
+    # 1e-3, 48 steps and 8 draws it recalled less (60%, 57%) and read worse (the gate said 70% -> 66%).
     lr: float = 2e-4
     temperature: float = 1.0
     max_tokens: int = 96
@@ -78,6 +84,7 @@ class Dream:
     question: str
     source: str
     scales: list[float]
+    about: tuple[int, ...] = ()  # the sessions it was written about (none for a recollection)
     reference: str = ""
     confidence: float | None = None
     session_id: int | None = None
@@ -131,6 +138,44 @@ def newest_grounded(
     return None
 
 
+def specific_words(question: str, memories: Sequence[str]) -> dict[str, list[int]]:
+    """The words of a question that tell memories apart, each with the indices of the memories
+    that say it: a name (a capitalised word after the first, not "I") said by any, another word
+    said by one at least and by half of them at most (one, of one or two). A word most memories
+    say ("my", "is") tells none of them apart."""
+    names = _names(question)
+    found = {}
+    for word in dict.fromkeys(word.lower().removesuffix("'s") for word in counterfactual.words(question)):
+        saying = [i for i, text in enumerate(memories) if counterfactual.mentions(text, word)]
+        if saying and (word in names or len(saying) <= max(1, len(memories) // 2)):
+            found[word] = saying
+    if not names <= found.keys():
+        return {}  # a name no memory says: the question is about someone nobody mentioned
+    return found
+
+
+def relevant(question: str, memories: Sequence[str]) -> list[int]:
+    """Indices of the memories a question is about: those saying its most specific word (the one
+    the fewest memories say, ``specific_words``) and every name it asks about.
+
+    Why: a small teacher answers from whatever it is given. Asked "Which city does Mei live in?"
+    over a session about Alexander's harp, it says "Mei lives inarp.", confidently and, by the
+    grounding ratio, because of that session; judged on every memory, the newest such reading won,
+    and half of a night's dreams taught a value from the wrong session."""
+    found = specific_words(question, memories)
+    if not found:
+        return []
+    fewest = min(map(len, found.values()))
+    chosen = {i for saying in found.values() if len(saying) == fewest for i in saying}
+    return sorted(i for i in chosen if all(i in found[name] for name in _names(question)))
+
+
+def _names(question: str) -> set[str]:
+    """The names a question asks about, lower-cased: its capitalised words after the first, not "I"."""
+    return {word.removesuffix("'s").lower() for word in counterfactual.words(question)[1:]
+            if word[0].isupper() and word[1:2].islower()}
+
+
 def well_formed(question: str, max_words: int = 16) -> bool:
     """One short question: a single sentence ending in its only question mark."""
     body = question.strip()
@@ -160,18 +205,19 @@ def write(
             recalled = trainer.generate([trainer.render_chat(user_turn(lessons.RESTATE_REQUEST))], sampling,
                                         new_block=True)[0].strip()
             new = rng.choice(tonight)
-            contexts = {"tonight": new.context}
+            contexts = {"tonight": (new.context, (new.session_id,))}
             if recalled:
-                contexts["recollection"] = _heard(recalled)
+                contexts["recollection"] = (_heard(recalled), ())
             if older:
-                joined = _heard(lessons.said(rng.choice(older).context) + "\n" + lessons.said(new.context))
+                old = rng.choice(older)
+                joined = _heard(lessons.said(old.context) + "\n" + lessons.said(new.context))
                 if _fits(trainer, joined, settings.max_tokens):
-                    contexts["combined"] = joined
+                    contexts["combined"] = (joined, (old.session_id, new.session_id))
             sources = [source for source in SOURCES if source in contexts]
-            prompts = [trainer.render_chat(contexts[s] + user_turn(lessons.QUESTION_REQUEST)) for s in sources]
+            prompts = [trainer.render_chat(contexts[s][0] + user_turn(lessons.QUESTION_REQUEST)) for s in sources]
             written = trainer.generate(prompts, replace(sampling, seed=sampling.seed + 1), new_block=True)
             for source, text in zip(sources, written):
-                dreams += [Dream(q, source, [round(s, 3) for s in noisy])
+                dreams += [Dream(q, source, [round(s, 3) for s in noisy], contexts[source][1])
                            for q in lessons.parse_questions(text) if well_formed(q)]
     finally:
         trainer.set_block_scales(scales)
@@ -199,25 +245,46 @@ def teacher_answers(
 def judge(
     trainer: BlockTrainer, dreams: Sequence[Dream], memories: Sequence[Memory], settings: DreamSettings
 ) -> list[Dream]:
-    """Give each dream the teacher's reference from the newest memory it is grounded in (see the
-    module's notes); the dreams no memory grounds keep an empty reference."""
-    marker = seeding.end_of_turn(trainer)
-    pairs = [(dream, memory) for dream in dreams for memory in memories]
-    prompts = [trainer.render_chat(memory.context + user_turn(dream.question)) for dream, memory in pairs]
-    bare = [trainer.encode(trainer.render_chat(user_turn(dream.question))) for dream in dreams]
-    bare_ids = [bare[index // len(memories)] for index in range(len(pairs))]  # pairs run dream by dream
-    answers, sure, unaided = teacher_answers(trainer, prompts, bare_ids)
-    for index, dream in enumerate(dreams):
-        row = slice(index * len(memories), (index + 1) * len(memories))
-        with_memory = [c if a else 0.0 for a, c in zip(answers[row], sure[row])]
-        best = newest_grounded(with_memory, unaided[row], settings.confidence, settings.grounding)
+    """Give each dream the teacher's reference from the newest memory that may answer it
+    (``candidates``) and grounds it (see the module's notes); the dreams none grounds keep an
+    empty reference."""
+    said = [lessons.said(memory.context) for memory in memories]
+    sessions = [memory.session_id for memory in memories]
+    pairs = [(dream, index) for dream in dreams for index in candidates(dream, sessions, said)]
+    prompts = [trainer.render_chat(memories[index].context + user_turn(dream.question)) for dream, index in pairs]
+    bare = {id(dream): trainer.encode(trainer.render_chat(user_turn(dream.question))) for dream in dreams}
+    answers, sure, unaided = teacher_answers(trainer, prompts, [bare[id(dream)] for dream, _ in pairs])
+    for dream in dreams:
+        row = [k for k, (asked, _) in enumerate(pairs) if asked is dream]
+        with_memory = [sure[k] if answers[k] else 0.0 for k in row]
+        best = newest_grounded(with_memory, [unaided[k] for k in row], settings.confidence, settings.grounding)
         dream.confidence = round(max(with_memory, default=0.0), 4)
         if best is not None:
-            dream.reference = answers[row][best]
-            dream.session_id = memories[best].session_id
-            dream.confidence = round(with_memory[best], 4)
-            dream.teacher_prompt = prompts[row][best]
+            k = row[best]
+            dream.reference, dream.session_id = answers[k], sessions[pairs[k][1]]
+            dream.confidence, dream.teacher_prompt = round(with_memory[best], 4), prompts[k]
     return list(dreams)
+
+
+def candidates(dream: Dream, sessions: Sequence[int], said: Sequence[str]) -> list[int]:
+    """Indices of the memories (oldest first: their ``sessions`` and what was ``said`` in them)
+    that may answer a dream. For a dream written about sessions: those of them that say a specific
+    word of it (``specific_words``) and every name it asks about, and each newer memory that says
+    every specific word they say, which supersedes them ("Where is Mary?" after a newer story
+    about Mary). For a recollection: the memories it is about (``relevant``). A question the
+    memories it was written about share nothing specific with ("Which city does Azost live in?",
+    a name the writer made up) has none."""
+    if not dream.about:
+        return relevant(dream.question, said)
+    found = specific_words(dream.question, said)
+    names = _names(dream.question)
+    written = [index for index, session in enumerate(sessions) if session in dream.about
+               and any(index in saying for saying in found.values()) and all(index in found[n] for n in names)]
+    if not written:
+        return []
+    keys = [saying for saying in found.values() if set(saying) & set(written)]
+    newer = {index for index in range(max(written) + 1, len(said)) if all(index in saying for saying in keys)}
+    return sorted(set(written) | newer)
 
 
 def score(trainer: BlockTrainer, dreams: Sequence[Dream]) -> None:
@@ -248,9 +315,11 @@ def rehearse(
     ``anchor`` (one distillation step towards the pre-sleep model on everyday prompts) follows every
     step, as GRPO's KL term to its reference model: rehearsing memories must not unteach reading."""
     marker = seeding.end_of_turn(trainer)
-    rows = [seeding.Row(d.teacher_prompt, trainer.render_chat(user_turn(d.question)), d.reference, question=d.question)
-            for d in dreams]
-    seeding.prepare(trainer, rows, marker)
+    asked = [[d.question] + [lessons.framed(d.question, f) for f in rng.sample(lessons.FRAMINGS, settings.framings)]
+             for d in dreams]
+    rows = [[seeding.Row(d.teacher_prompt, trainer.render_chat(user_turn(q)), d.reference, question=d.question)
+             for q in questions] for d, questions in zip(dreams, asked)]
+    seeding.prepare(trainer, [row for variants in rows for row in variants], marker)
     earned: dict[int, list[float]] = {index: [] for index in range(len(rows))}
     order: list[int] = []
     for step in range(settings.steps):
@@ -259,8 +328,8 @@ def rehearse(
         index = order.pop()
         sampling = Sampling(max_tokens=48, temperature=settings.temperature, seed=rng.randrange(2**31))
         earned[index] += seeding.policy_step(trainer, seeding.imitation_group(
-            trainer, rows[index], "", group=settings.group, sampling=sampling, reward=reward, marker=marker,
-            guide=settings.guide))
+            trainer, rng.choice(rows[index]), "", group=settings.group, sampling=sampling, reward=reward,
+            marker=marker, guide=settings.guide))
         if anchor is not None:
             anchor()
         progress(step + 1, settings.steps)
