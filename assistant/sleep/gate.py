@@ -47,10 +47,7 @@ class GateSettings:
     # trades a little recall for in-context reading. On the bench's first night (sleep seeds 0 and
     # 3, 360 steps) 0.85 of the block kept in-context reading within 0.7 and 4.2 points where the
     # whole block lost 3.5 and 5.6, recalling 53% and 57% of held-out phrasings against 60% and 57%.
-    # A night of one bAbI story needs less: on the bench's first (sleep seeds 0 and 1) every checkpoint
-    # at 0.7 and above lost 2.1 to 13 points of reading, so both nights were rejected; with 0.4 and
-    # 0.55 as well, both went live, reading within 1.4 and 0.7 points and recalling all the gate's probes.
-    scales: tuple[float, ...] = (0.4, 0.55, 0.7, 0.85, 1.0)
+    scales: tuple[float, ...] = (0.7, 0.85, 1.0)
 
 
 @dataclass(frozen=True)
