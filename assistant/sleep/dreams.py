@@ -250,12 +250,15 @@ def judge(
     empty reference."""
     said = [lessons.said(memory.context) for memory in memories]
     sessions = [memory.session_id for memory in memories]
-    pairs = [(dream, index) for dream in dreams for index in candidates(dream, sessions, said)]
+    options = [candidates(dream, sessions, said) for dream in dreams]
+    pairs = [(dream, index) for dream, indices in zip(dreams, options) for index in indices]
     prompts = [trainer.render_chat(memories[index].context + user_turn(dream.question)) for dream, index in pairs]
-    bare = {id(dream): trainer.encode(trainer.render_chat(user_turn(dream.question))) for dream in dreams}
-    answers, sure, unaided = teacher_answers(trainer, prompts, [bare[id(dream)] for dream, _ in pairs])
-    for dream in dreams:
-        row = [k for k, (asked, _) in enumerate(pairs) if asked is dream]
+    bare = [trainer.encode(trainer.render_chat(user_turn(dream.question))) for dream in dreams]
+    answers, sure, unaided = teacher_answers(
+        trainer, prompts, [ids for ids, indices in zip(bare, options) for _ in indices])
+    start = 0
+    for dream, indices in zip(dreams, options):  # pairs run dream by dream
+        row, start = range(start, start + len(indices)), start + len(indices)
         with_memory = [sure[k] if answers[k] else 0.0 for k in row]
         best = newest_grounded(with_memory, [unaided[k] for k in row], settings.confidence, settings.grounding)
         dream.confidence = round(max(with_memory, default=0.0), 4)
