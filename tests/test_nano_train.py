@@ -1,7 +1,9 @@
 """Training the bundled model is reproducible: the same seed gives the same weights, bit for bit."""
 
 import hashlib
+import re
 
+from assistant.nano import evaluate
 from assistant.nano.train import train
 
 
@@ -13,3 +15,13 @@ def test_the_same_seed_trains_the_same_model(tmp_path):
         assert info["steps"] == 3 and info["seed"] == 3
     assert digests[0] == digests[1]
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_the_training_log_reads_babi_stories_beside_the_loss(tmp_path, capsys):
+    folder = tmp_path / "babi"
+    folder.mkdir()
+    story = "1 Mary moved to the bathroom.\n2 John went to the hallway.\n3 Where is Mary? \tbathroom\t1\n"
+    (folder / evaluate.BABI_FILE).write_text(story)
+    train(tmp_path / "m", seed=3, steps=4, batch_size=2, lr=1e-3, log_every=1, corpus_sessions=200, babi=folder)
+    last = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 4/4"))
+    assert re.search(r"held-out answer loss \d+\.\d{3} in-context [01]\.\d{3} bAbI [01]\.000$", last), last
