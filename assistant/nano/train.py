@@ -112,7 +112,7 @@ def answer_loss(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, sessions:
 
 @torch.no_grad()
 def gauges(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, sessions: list[Session],
-           babi_stories: list) -> str:
+           babi_stories: list[list[evaluate.BabiQuestion]]) -> str:
     """The log's quality gauges: the answer loss and in-context reading of held-out sessions, and
     reading of the first bAbI qa1 stories when the file is there. The loss alone misleads: a
     retrain whose held-out loss ended at 0.143 (0.190 before) read bAbI at 36% (64% before)."""
