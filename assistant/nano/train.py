@@ -179,6 +179,8 @@ def train(
     eval_sessions = evaluate.heldout_sessions(seed + 999, 12)
     babi_file = evaluate.find_babi(babi)
     babi_stories = evaluate.read_babi(babi_file)[:BABI_WATCHED] if babi_file else []
+    if not babi_file:
+        print(f"no bAbI qa1 file in {babi or '../shared/data/babi'}: the log reads no bAbI stories", flush=True)
     data = batches(World(seed, invented_share=invented_share), tok, batch_size, user_weight)
     model.train()
     for step in range(1, steps + 1):
