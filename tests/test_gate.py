@@ -34,3 +34,15 @@ def test_a_tie_keeps_the_incumbent_and_only_a_promotable_candidate_can_win():
     rejected = decide(before, Measurement(0.9, None, 0.50), 10, SETTINGS)
     assert better(high, low) and not better(low, high) and not better(low, low)
     assert not better(rejected, low) and better(low, rejected)
+
+
+def test_old_memories_hold_against_what_the_stack_once_answered_not_only_tonight():
+    """Last night lost 2 of 40 old answers and passed; tonight loses one more, which passes
+    against tonight's live model (37 of 38) but not against what the stack once answered (37 of 40)."""
+    before = Measurement(0.0, 38 / 40, 0.70, (True,) * 38 + (False,) * 2)
+    after = Measurement(0.5, 37 / 40, 0.70, (True,) * 37 + (False,) * 3)
+    assert decide(before, after, 10, SETTINGS).promote
+    verdict = decide(before, after, 10, SETTINGS, known=(True,) * 40)
+    assert not verdict.promote and verdict.reason == "old memories faded (retention 92%)"
+    # what the stack never answered is not held against it
+    assert decide(before, after, 10, SETTINGS, known=before.old_hits).promote

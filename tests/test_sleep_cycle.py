@@ -68,6 +68,7 @@ def test_a_night_writes_a_versioned_adapter_and_a_report(tmp_path, tiny_model_di
     assert block["sessions"] == [1]
     # the reading every later night must hold: the bare model's, the night's own "before"
     assert manifest["reading_base"]["reading"] == report["in_context_before"]
+    assert manifest["known"] == []  # no earlier question a later night's retention is held to yet
     assert (home / "adapters" / "blocks" / block["id"] / "adapter_model.safetensors").is_file()
     assert oct(os.stat(home / "adapters" / "v0001.json").st_mode & 0o777) == "0o600"
     listed = json.loads(somnus(home, tiny_model_dir, "adapters", "--json").stdout)

@@ -13,7 +13,7 @@ import functools
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from assistant.config import Config, Paths
@@ -161,7 +161,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                       checkpoint=lambda step: checkpoints.__setitem__(step, trainer.new_block_state()))
     progress("gate", 0.6, f"asking {len(probes)} held-out question(s) of {len(checkpoints)} checkpoint(s)")
     remembered = _remembered(old_probes, old_prompts, settings.gate.retention_probes, rng)
-    gate = Gate(trainer, probes, remembered, settings.gate, stack.extra.get("reading_base"))
+    gate = Gate(trainer, probes, remembered, settings.gate, stack.extra.get("reading_base"), stack.extra.get("known", ()))
     verdict, judged = gate.choose(checkpoints)
     training = {**log.summary(), "superseded": len(newer), "checkpoints": judged}
     dreaming = {}
@@ -186,6 +186,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
         "probes": [asdict(p) for p in old_probes + probes],
         "verdict": verdict.record(),
         "reading_base": gate.reading_base,
+        "known": gate.known_questions({p["question"] for p in old_prompts} | {p.question for p in old_probes}),
     })
     manifest = blocks.save_stack(paths.home, grown)
     adapter_id = ledger.add_adapter(version, str(manifest), parent_version=stack.version or None,
@@ -253,12 +254,16 @@ class Gate:
     sessions, is the unbiased check."""
 
     def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
-                 settings: GateSettings, reading_base: dict | None = None):
+                 settings: GateSettings, reading_base: dict | None = None, known: Sequence[str] = ()):
         """``reading_base``: the in-context reading of the model before the stack's first night, as
         the stack's manifest keeps ``self.reading_base`` (on a first night, for an older stack, or
-        when the gate reads other sessions now, tonight's reading stands in)."""
+        when the gate reads other sessions now, tonight's reading stands in). ``known``: the
+        earlier questions the stack has answered on some night, as the manifest keeps them; with
+        the ones the live stack answers tonight, they are what old recall is held to."""
         self.trainer, self.probes, self.remembered, self.settings = trainer, probes, remembered, settings
         self.before = measure(trainer, probes, remembered, settings, new_block=False)
+        self.base = set(known)
+        self.known = [probe.question in self.base or hit for probe, hit in zip(remembered, self.before.old_hits)]
         sessions = [settings.seed, settings.in_context_sessions]
         known = reading_base if reading_base and reading_base.get("sessions") == sessions else None
         self.reading_base = {"sessions": sessions, "reading": known["reading"] if known else self.before.in_context}
@@ -267,7 +272,13 @@ class Gate:
         """Wear ``state`` as the new block and judge it."""
         self.trainer.load_new_block_state(state)
         after = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True)
-        return decide(self.before, after, len(self.probes), self.settings, self.reading_base["reading"])
+        return decide(self.before, after, len(self.probes), self.settings, self.reading_base["reading"], self.known)
+
+    def known_questions(self, still_asked: set[str]) -> list[str]:
+        """The manifest's ``known``: what the stack had answered before, and answered tonight,
+        of the earlier questions no session has superseded (``still_asked``)."""
+        answered = {probe.question for probe, was in zip(self.remembered, self.known) if was}
+        return sorted((self.base | answered) & still_asked)
 
     def choose(self, checkpoints: dict[int, list]) -> tuple[Verdict, list[dict]]:
         """Judge each checkpoint at each of the gate's scales; leave the best in the trainer.

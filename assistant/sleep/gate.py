@@ -76,13 +76,19 @@ def matches(answer: str, reference: str) -> bool:
     return normalise_answer(answer) == normalise_answer(reference)
 
 
-def recall(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> float:
-    """Share of probes answered, with no session in context, as the teacher answered them."""
+def hits(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> tuple[bool, ...]:
+    """Which probes are answered, with no session in context, as the teacher answered them."""
     if not probes:
-        return 0.0
+        return ()
     prompts = [trainer.render_chat([{"role": "user", "content": p.question}]) for p in probes]
     answers = trainer.generate(prompts, GREEDY, new_block=new_block)
-    return sum(matches(a, p.reference) for a, p in zip(answers, probes)) / len(probes)
+    return tuple(matches(a, p.reference) for a, p in zip(answers, probes))
+
+
+def recall(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> float:
+    """Share of probes answered, with no session in context, as the teacher answered them."""
+    answered = hits(trainer, probes, new_block=new_block)
+    return sum(answered) / len(answered) if answered else 0.0
 
 
 def in_context(trainer: BlockTrainer, settings: GateSettings, *, new_block: bool) -> float:
@@ -106,6 +112,7 @@ class Measurement:
     recall: float
     old_recall: float | None
     in_context: float
+    old_hits: tuple[bool, ...] = ()  # which of the old probes it answers (``old_recall`` is their share)
 
 
 def measure(
@@ -113,21 +120,29 @@ def measure(
     *, new_block: bool,
 ) -> Measurement:
     """The live stack (``new_block=False``) or a candidate (``True``) on the gate's probes."""
+    old = hits(trainer, old_probes, new_block=new_block)
     return Measurement(
         recall(trainer, new_probes, new_block=new_block),
-        recall(trainer, old_probes, new_block=new_block) if old_probes else None,
+        sum(old) / len(old) if old else None,
         in_context(trainer, settings, new_block=new_block),
+        old,
     )
 
 
 def decide(before: Measurement, after: Measurement, probes: int, settings: GateSettings,
-           reading_base: float | None = None) -> Verdict:
+           reading_base: float | None = None, known: Sequence[bool] = ()) -> Verdict:
     """Promote only if recall rises, old recall keeps its value and in-context reading holds.
 
     Reading holds against tonight's live model and against ``reading_base``, the model's reading
     before its first night: judged only night by night, small losses add up (the bench's five
-    generated nights each passed, and together lost 3.6 points against a bar of 2)."""
+    generated nights each passed, and together lost 3.6 points against a bar of 2). Old recall
+    likewise holds against tonight's live model and against ``known``, which of the old probes
+    the stack has answered on some night since theirs: two nights that each kept 95-96% of
+    tonight's old recall left the bench 80% of night 1's facts."""
     retention = 1.0 if not before.old_recall else (after.old_recall or 0.0) / before.old_recall
+    if any(known) and after.old_hits:
+        kept = sum(hit for hit, was in zip(after.old_hits, known) if was) / sum(known)
+        retention = min(retention, kept)
     if not probes:
         promote, reason = False, "no held-out question to judge recall by: kept the live adapter"
     elif after.recall <= before.recall:
