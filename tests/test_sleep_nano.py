@@ -82,6 +82,34 @@ def test_the_gate_rejects_an_adapter_that_does_harm():
     assert verdict.in_context_after < verdict.in_context_before
 
 
+def test_the_gate_reads_only_candidates_that_could_go_live_the_most_recalling_first():
+    trainer = open_trainer("torch", NANO_DIR, lr=5e-3)
+    try:
+        untrained = trainer.new_block_state()
+        question, answer = "What is my dog's name?", "Your dog is called Pippin."
+        ops = trainer.ops
+
+        def learn(logits, targets, mask):
+            return -ops.sum(losses.completion_logprobs(ops, logits, targets) * mask) / ops.sum(mask)
+
+        prompt = trainer.encode(trainer.render_chat([{"role": "user", "content": question}]))
+        for _ in range(40):
+            trainer.train_step([prompt], [trainer.encode(answer + "<|im_end|>")], learn)
+        gate = cycle.Gate(trainer, [Probe(question, answer)], [], GateSettings(in_context_sessions=4, scales=(0.5, 1.0)))
+        verdict, judged = gate.choose({10: untrained, 40: trainer.new_block_state()})
+    finally:
+        trainer.close()
+    assert [(c["steps"], c["scale"]) for c in judged] == [(10, 0.5), (10, 1.0), (40, 0.5), (40, 1.0)]
+    assert [c["recall"] for c in judged[:2]] == [0.0, 0.0] and judged[3]["recall"] == 1.0
+    ranked = sorted(judged, key=lambda c: -c["recall"])  # the most recalling first, then the smaller change
+    read = [c for c in judged if c["in_context"] is not None]
+    assert read == ranked[:len(read)] and all(c["recall"] == 1.0 for c in read)  # nothing new recalled: never read
+    passed = [c for c in read if c["promote"]]
+    assert passed == read[-1:] or not passed and len(read) == 2  # reading stops at the first that passes
+    chosen = [c for c in judged if c["chosen"]]
+    assert chosen == (passed or read[:1]) and chosen[0]["recall"] == verdict.recall_after
+
+
 def _night_of_two_sessions(tmp_path, settings, **kwargs):
     """A night on the bundled model: two sessions told, then a sleep with ``settings``."""
     paths = open_paths(tmp_path / "home")

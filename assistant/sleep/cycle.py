@@ -21,7 +21,7 @@ from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, measure
+from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, measure, recall
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
@@ -250,8 +250,8 @@ class Gate:
     Better means promotable and recalling strictly more (``better``), so a tie keeps the smaller
     change (fewer steps, then a smaller scale), and a dreamt block must beat the consolidated one
     it grew from to go live. The in-context check that picks a candidate also judges it, which
-    favours a lucky one by about the measure's noise; the bench's in-context drop, on other
-    sessions, is the unbiased check."""
+    favours a lucky one by about the measure's noise (``choose`` keeps that to the few candidates
+    it reads); the bench's in-context drop, on other sessions, is the unbiased check."""
 
     def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
                  settings: GateSettings, reading_base: dict | None = None, known: Sequence[str] = ()):
@@ -282,20 +282,34 @@ class Gate:
 
     def choose(self, checkpoints: dict[int, list]) -> tuple[Verdict, list[dict]]:
         """Judge each checkpoint at each of the gate's scales; leave the best in the trainer.
-        Returns its verdict and one record per candidate."""
-        best, best_state, judged = None, None, []
+        Returns its verdict and one record per candidate.
+
+        Every candidate is asked tonight's probes. The in-context reading, most of a judgement's
+        cost, is read only of those that could go live: the most recalling first (a tie: fewer
+        steps, then a smaller scale), until one passes, the one ``better`` would pick. So the gate
+        can afford a reading over many sessions, and a lucky reading among 15 candidates is
+        rarely what lets a block through."""
+        records = []
         for steps, state in sorted(checkpoints.items()):
             for scale in sorted(self.settings.scales):
                 candidate = blocks.scaled(state, scale)
-                verdict = self.judge(candidate)
-                judged.append({"steps": steps, "scale": scale, "recall": verdict.recall_after,
-                               "retention": verdict.retention, "in_context": verdict.in_context_after,
-                               "promote": verdict.promote, "chosen": False})
-                if best is None or better(verdict, best):
-                    best, best_state, chosen = verdict, candidate, judged[-1]
+                self.trainer.load_new_block_state(candidate)
+                asked = recall(self.trainer, self.probes, new_block=True)
+                records.append(({"steps": steps, "scale": scale, "recall": asked, "retention": None,
+                                 "in_context": None, "promote": False, "chosen": False}, candidate))
+        best = best_state = chosen = None
+        for record, candidate in sorted(records, key=lambda pair: -pair[0]["recall"]):
+            if best is not None and record["recall"] <= self.before.recall:
+                break
+            verdict = self.judge(candidate)
+            record.update(retention=verdict.retention, in_context=verdict.in_context_after, promote=verdict.promote)
+            if best is None or better(verdict, best):
+                best, best_state, chosen = verdict, candidate, record
+            if verdict.promote:
+                break
         chosen["chosen"] = True
         self.trainer.load_new_block_state(best_state)
-        return best, judged
+        return best, [record for record, _ in records]
 
     def against_dreamt(self, consolidated_verdict: Verdict, consolidated, dreaming: dict) -> tuple[Verdict, dict]:
         """The block the trainer wears (the dreamt one) against the consolidated one it grew from;
