@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from assistant.sleep.gate import GateSettings, Measurement, better, decide
+from assistant.sleep.gate import GateSettings, Measurement, better, decide, kept_share
 
 SETTINGS = GateSettings()  # in-context tolerance 2 points, retention tolerance 5%
 
@@ -44,5 +44,6 @@ def test_old_memories_hold_against_what_the_stack_once_answered_not_only_tonight
     assert decide(before, after, 10, SETTINGS).promote
     verdict = decide(before, after, 10, SETTINGS, known=(True,) * 40)
     assert not verdict.promote and verdict.reason == "old memories faded (retention 92%)"
+    assert kept_share(38 / 40, 37 / 40, after.old_hits, (True,) * 40) == verdict.retention == 37 / 40
     # what the stack never answered is not held against it
     assert decide(before, after, 10, SETTINGS, known=before.old_hits).promote

@@ -21,7 +21,7 @@ from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, measure, recall
+from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, hits, kept_share, measure, recall
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
@@ -284,25 +284,27 @@ class Gate:
         """Judge each checkpoint at each of the gate's scales; leave the best in the trainer.
         Returns its verdict and one record per candidate.
 
-        Every candidate is asked tonight's probes. The in-context reading, most of a judgement's
-        cost, is read only of those that could go live: the most recalling first (a tie: fewer
-        steps, then a smaller scale), until one passes, the one ``better`` would pick. So the gate
-        can afford a reading over many sessions, and a lucky reading among 15 candidates is
-        rarely what lets a block through."""
+        Every candidate is asked tonight's probes and the old ones. The in-context reading, most
+        of a judgement's cost, is read only of those that could go live (recall rises, retention
+        holds): the most recalling first (a tie: fewer steps, then a smaller scale), until one
+        passes, the one ``better`` would pick. So the gate can afford a reading over many
+        sessions, and a lucky reading among 15 candidates is rarely what lets a block through."""
         records = []
         for steps, state in sorted(checkpoints.items()):
             for scale in sorted(self.settings.scales):
                 candidate = blocks.scaled(state, scale)
                 self.trainer.load_new_block_state(candidate)
-                asked = recall(self.trainer, self.probes, new_block=True)
-                records.append(({"steps": steps, "scale": scale, "recall": asked, "retention": None,
-                                 "in_context": None, "promote": False, "chosen": False}, candidate))
+                old = hits(self.trainer, self.remembered, new_block=True)
+                kept = kept_share(self.before.old_recall, sum(old) / len(old) if old else None, old, self.known)
+                records.append(({"steps": steps, "scale": scale, "recall": recall(self.trainer, self.probes, new_block=True),
+                                 "retention": kept, "in_context": None, "promote": False, "chosen": False}, candidate))
+        ranked = sorted(records, key=lambda pair: -pair[0]["recall"])
+        hopeful = [(record, candidate) for record, candidate in ranked if record["recall"] > self.before.recall
+                   and record["retention"] >= 1 - self.settings.retention_tolerance]
         best = best_state = chosen = None
-        for record, candidate in sorted(records, key=lambda pair: -pair[0]["recall"]):
-            if best is not None and record["recall"] <= self.before.recall:
-                break
+        for record, candidate in hopeful or ranked[:1]:  # none hopeful: the most recalling says why
             verdict = self.judge(candidate)
-            record.update(retention=verdict.retention, in_context=verdict.in_context_after, promote=verdict.promote)
+            record.update(in_context=verdict.in_context_after, promote=verdict.promote)
             if best is None or better(verdict, best):
                 best, best_state, chosen = verdict, candidate, record
             if verdict.promote:

@@ -134,6 +134,16 @@ def measure(
     )
 
 
+def kept_share(old_recall_before: float | None, old_recall_after: float | None, old_hits_after: Sequence[bool] = (),
+               known: Sequence[bool] = ()) -> float:
+    """Retention: the share of old recall a candidate keeps, against tonight's live model and
+    against ``known`` (see ``decide``), whichever is less."""
+    share = 1.0 if not old_recall_before else (old_recall_after or 0.0) / old_recall_before
+    if any(known) and old_hits_after:
+        share = min(share, sum(hit for hit, was in zip(old_hits_after, known) if was) / sum(known))
+    return share
+
+
 def decide(before: Measurement, after: Measurement, probes: int, settings: GateSettings,
            reading_base: float | None = None, known: Sequence[bool] = ()) -> Verdict:
     """Promote only if recall rises, old recall keeps its value and in-context reading holds.
@@ -144,10 +154,7 @@ def decide(before: Measurement, after: Measurement, probes: int, settings: GateS
     likewise holds against tonight's live model and against ``known``, which of the old probes
     the stack has answered on some night since theirs: two nights that each kept 95-96% of
     tonight's old recall left the bench 80% of night 1's facts."""
-    retention = 1.0 if not before.old_recall else (after.old_recall or 0.0) / before.old_recall
-    if any(known) and after.old_hits:
-        kept = sum(hit for hit, was in zip(after.old_hits, known) if was) / sum(known)
-        retention = min(retention, kept)
+    retention = kept_share(before.old_recall, after.old_recall, after.old_hits, known)
     if not probes:
         promote, reason = False, "no held-out question to judge recall by: kept the live adapter"
     elif after.recall <= before.recall:
