@@ -288,7 +288,7 @@ class Gate:
         of a judgement's cost, is read only of those that could go live (recall rises, retention
         holds): the most recalling first (a tie: fewer steps, then a smaller scale), until one
         passes, the one ``better`` would pick. So the gate can afford a reading over many
-        sessions, and a lucky reading among 15 candidates is rarely what lets a block through."""
+        sessions, and a lucky reading among many candidates is rarely what lets a block through."""
         records = []
         for steps, state in sorted(checkpoints.items()):
             for scale in sorted(self.settings.scales):
