@@ -21,7 +21,7 @@ from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import GateSettings, Probe, Verdict, better, decide, fits, hits, kept_share, measure, recall
+from assistant.sleep.gate import GateSettings, Measurement, Probe, Verdict, better, decide, fits, in_context, kept_share, measure
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
@@ -265,13 +265,17 @@ class Gate:
         self.base = set(known)
         self.known = [probe.question in self.base or hit for probe, hit in zip(remembered, self.before.old_hits)]
         sessions = [settings.seed, settings.in_context_sessions]
-        known = reading_base if reading_base and reading_base.get("sessions") == sessions else None
-        self.reading_base = {"sessions": sessions, "reading": known["reading"] if known else self.before.in_context}
+        kept_base = reading_base if reading_base and reading_base.get("sessions") == sessions else None
+        self.reading_base = {"sessions": sessions, "reading": kept_base["reading"] if kept_base else self.before.in_context}
 
-    def judge(self, state) -> Verdict:
-        """Wear ``state`` as the new block and judge it."""
+    def judge(self, state, asked: Measurement | None = None) -> Verdict:
+        """Wear ``state`` as the new block and judge it (``asked``: its probes' answers, already
+        measured without the reading)."""
         self.trainer.load_new_block_state(state)
-        after = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True)
+        if asked is None:
+            after = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True)
+        else:
+            after = replace(asked, in_context=in_context(self.trainer, self.settings, new_block=True))
         return decide(self.before, after, len(self.probes), self.settings, self.reading_base["reading"], self.known)
 
     def known_questions(self, still_asked: set[str]) -> list[str]:
@@ -294,16 +298,16 @@ class Gate:
             for scale in sorted(self.settings.scales):
                 candidate = blocks.scaled(state, scale)
                 self.trainer.load_new_block_state(candidate)
-                old = hits(self.trainer, self.remembered, new_block=True)
-                kept = kept_share(self.before.old_recall, sum(old) / len(old) if old else None, old, self.known)
-                records.append(({"steps": steps, "scale": scale, "recall": recall(self.trainer, self.probes, new_block=True),
-                                 "retention": kept, "in_context": None, "promote": False, "chosen": False}, candidate))
-        ranked = sorted(records, key=lambda pair: -pair[0]["recall"])
-        hopeful = [(record, candidate) for record, candidate in ranked if record["recall"] > self.before.recall
-                   and record["retention"] >= 1 - self.settings.retention_tolerance]
+                asked = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True, reading=False)
+                kept = kept_share(self.before.old_recall, asked.old_recall, asked.old_hits, self.known)
+                records.append(({"steps": steps, "scale": scale, "recall": asked.recall, "retention": kept,
+                                 "in_context": None, "promote": False, "chosen": False}, candidate, asked))
+        ranked = sorted(records, key=lambda entry: -entry[0]["recall"])
+        hopeful = [entry for entry in ranked if entry[0]["recall"] > self.before.recall
+                   and entry[0]["retention"] >= 1 - self.settings.retention_tolerance]
         best = best_state = chosen = None
-        for record, candidate in hopeful or ranked[:1]:  # none hopeful: the most recalling says why
-            verdict = self.judge(candidate)
+        for record, candidate, asked in hopeful or ranked[:1]:  # none hopeful: the most recalling says why
+            verdict = self.judge(candidate, asked)
             record.update(in_context=verdict.in_context_after, promote=verdict.promote)
             if best is None or better(verdict, best):
                 best, best_state, chosen = verdict, candidate, record
@@ -311,7 +315,7 @@ class Gate:
                 break
         chosen["chosen"] = True
         self.trainer.load_new_block_state(best_state)
-        return best, [record for record, _ in records]
+        return best, [record for record, *_ in records]
 
     def against_dreamt(self, consolidated_verdict: Verdict, consolidated, dreaming: dict) -> tuple[Verdict, dict]:
         """The block the trainer wears (the dreamt one) against the consolidated one it grew from;

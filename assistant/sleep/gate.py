@@ -116,20 +116,21 @@ class Measurement:
 
     recall: float
     old_recall: float | None
-    in_context: float
+    in_context: float | None  # None: not read (``measure(..., reading=False)``)
     old_hits: tuple[bool, ...] = ()  # which of the old probes it answers (``old_recall`` is their share)
 
 
 def measure(
     trainer: BlockTrainer, new_probes: Sequence[Probe], old_probes: Sequence[Probe], settings: GateSettings,
-    *, new_block: bool,
+    *, new_block: bool, reading: bool = True,
 ) -> Measurement:
-    """The live stack (``new_block=False``) or a candidate (``True``) on the gate's probes."""
+    """The live stack (``new_block=False``) or a candidate (``True``) on the gate's probes, and
+    on in-context reading unless ``reading`` is off (the costly part, added later if needed)."""
     old = hits(trainer, old_probes, new_block=new_block)
     return Measurement(
         recall(trainer, new_probes, new_block=new_block),
         sum(old) / len(old) if old else None,
-        in_context(trainer, settings, new_block=new_block),
+        in_context(trainer, settings, new_block=new_block) if reading else None,
         old,
     )
 
