@@ -18,14 +18,6 @@ pytestmark = pytest.mark.skipif(not (NANO_DIR / "model.safetensors").is_file(), 
 
 GREEDY = Sampling(max_tokens=40, temperature=0.0)
 
-# The shipped nano model copies unseen names from its context, but in stories it often answers with
-# the room mentioned last instead of the asked person's (`somnus bench model` measures how far it is
-# from the bar). The marked test states the target; strict, so it fails loudly (and the marker must
-# go) the day the model reaches it.
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="nano still answers with the last room mentioned in 1 of these 3 "
-                                   "(64% on bAbI qa1 against a bar of 95%; issue 3)")
-
-
 @pytest.fixture(scope="module")
 def nano():
     backend = open_backend("torch", hf_dir=NANO_DIR)
@@ -74,7 +66,6 @@ def test_the_shipped_model_reads_a_babi_story(nano):
     assert evaluate.answered(reply, "office") and not evaluate.answered(reply, "bathroom")
 
 
-@BELOW_TARGET
 def test_the_shipped_model_finds_the_asked_persons_room_not_the_last_one(nano):
     replies = []
     for first, second in [("Mary", "John"), ("Sandra", "Daniel"), ("John", "Mary")]:

@@ -25,3 +25,16 @@ def test_the_training_log_reads_babi_stories_beside_the_loss(tmp_path, capsys):
     train(tmp_path / "m", seed=3, steps=4, batch_size=2, lr=1e-3, log_every=1, corpus_sessions=200, babi=folder)
     last = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 4/4"))
     assert re.search(r"held-out answer loss \d+\.\d{3} in-context [01]\.\d{3} bAbI [01]\.000$", last), last
+
+
+def test_invented_words_are_spelt_from_pieces_that_no_sentence_of_the_world_says():
+    from transformers import AutoTokenizer
+
+    from assistant.models import NANO_DIR
+    from assistant.nano.train import word_pieces
+    from assistant.nano.world import World
+
+    pieces = set(word_pieces(AutoTokenizer.from_pretrained(NANO_DIR), World(2, invented_share=0.0)))
+    assert {"ase", "ment"} <= pieces  # held-out "basement" is b-ase-ment: its pieces get copied in training
+    assert not pieces & {"the", "to", "moved", "went", "is", "in", "my", "cat", "bedroom"}
+    assert all(2 <= len(piece) <= 4 and piece.isalpha() for piece in pieces)

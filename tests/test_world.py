@@ -24,7 +24,10 @@ def replay(text: str, where: dict[str, str]) -> str:
 
 def story_questions(seed: int, count: int, heldout: bool = True):
     """(answer, latest place of the subject by replaying the story, room mentioned last) per question."""
-    world = World(seed, heldout=heldout)
+    return story_questions_of(World(seed, heldout=heldout), count)
+
+
+def story_questions_of(world: World, count: int):
     for _ in range(count):
         session = world.story_session()
         where: dict[str, str] = {}
@@ -71,3 +74,36 @@ def test_a_wrong_answer_the_user_corrected_is_never_a_target():
         wrong = next(i for i, m in enumerate(session.messages) if not m["train"])
         assert session.messages[wrong]["role"] == "assistant"
         assert session.messages[wrong + 1]["content"].startswith("No, that's wrong.")
+
+
+def test_invented_words_spelt_from_pieces_use_only_the_pieces():
+    pieces = ("ase", "ment", "ol")
+    world = World(8, invented_share=1.0, pieces=pieces)
+    values = {world.invented(["cellar"]) for _ in range(600)}
+    spelt = {v for v in values if re.fullmatch(r"(?:ase|ment|ol){2,3}", v)}
+    assert len(spelt) > 20  # about a third of invented words, in 2-3 pieces
+    assert World(8, invented_share=1.0).invented(["cellar"]) == World(8, invented_share=1.0, pieces=()).invented(["cellar"])
+
+
+def revisited_share(world: World, count: int) -> float:
+    """Share of story questions about someone who has moved more than once by then."""
+    asked = again = 0
+    for _ in range(count):
+        session = world.story_session()
+        moves: dict[str, int] = {}
+        for index, message in enumerate(session.messages):
+            if message["role"] == "user":
+                for who in MOVE.findall(message["content"]):
+                    moves[who[0]] = moves.get(who[0], 0) + 1
+            for probe in (p for p in session.probes if p.at == index):
+                asked += 1
+                again += moves.get(probe.question.removeprefix("Where is ").rstrip("?"), 0) > 1
+    return again / asked
+
+
+def test_revisit_asks_more_often_about_people_who_moved_again_and_keeps_the_last_room_no_shortcut():
+    plain, revisiting = revisited_share(World(13), 300), revisited_share(World(13, revisit=0.6), 300)
+    assert revisiting > plain + 0.05  # bAbI qa1 asks about someone who moved twice or more 67% of the time
+    rows = list(story_questions_of(World(12, revisit=0.6), 400))
+    assert all(answer == latest for answer, latest, _ in rows)
+    assert 0.2 < sum(answer == last for answer, _, last in rows) / len(rows) < 0.45

@@ -109,6 +109,9 @@ OBJECTS = """
 apple football milk book key umbrella lamp cup pen box ball hat bag phone wallet
 """.split()
 
+ALL = (FIRST_NAMES, PET_NAMES, CITIES, JOBS, *FAVOURITES.values(), RELATIVES, PETS, APPOINTMENTS, WEEKDAYS,
+       MONTHS, ROOMS, OBJECTS)
+
 CONSONANTS = "bcdfghjklmnprstvwz"
 CLUSTERS = ("br", "ch", "dr", "fl", "gr", "kr", "pl", "sh", "st", "th", "tr", "nd", "rk", "lt")
 VOWELS = "aeiouy"

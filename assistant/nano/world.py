@@ -14,6 +14,7 @@ conversation, and restating what it was told. An assistant turn can be marked ``
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from assistant.nano import pools
@@ -30,6 +31,7 @@ RESTATE_REQUESTS = (
     "Summarize what I told you.",
     "Can you repeat everything I told you?",
 )
+PIECE_SHARE = 1 / 3  # of invented words, when the world is given word pieces to spell them from
 ACKS = ("Got it.", "Noted.", "OK, I will remember that.", "Thanks for telling me.", "Understood.")
 
 
@@ -81,10 +83,16 @@ def article(word: str) -> str:
 class World:
     """Generates sessions from the training or the held-out half of every pool."""
 
-    def __init__(self, seed: int, heldout: bool = False, invented_share: float = 0.35):
+    def __init__(self, seed: int, heldout: bool = False, invented_share: float = 0.35,
+                 pieces: Sequence[str] = (), story_share: float = 0.42, question_rate: float = 0.75,
+                 revisit: float = 0.0):
         self.rng = random.Random(seed)
         self.heldout = heldout
         self.invented_share = invented_share
+        self.pieces = tuple(pieces)
+        self.story_share = story_share
+        self.question_rate = question_rate
+        self.revisit = revisit
         pick = 1 if heldout else 0
         self.names = pools.split(pools.FIRST_NAMES)[pick]
         self.pet_names = pools.split(pools.PET_NAMES)[pick]
@@ -105,6 +113,8 @@ class World:
         """
         if self.heldout or self.rng.random() >= (self.invented_share if share is None else share):
             return self.rng.choice(pool)
+        if self.pieces and self.rng.random() < PIECE_SHARE:
+            return "".join(self.rng.choice(self.pieces) for _ in range(self.rng.randint(2, 3)))
         if self.rng.random() < 0.5:
             head, tail = self.rng.choice(pool), self.rng.choice(pool)
             return head[: self.rng.randint(1, len(head))] + tail[self.rng.randint(0, len(tail) - 1) :]
@@ -362,6 +372,7 @@ class World:
         people = self._distinct(self.name)
         rooms = self._distinct(lambda: self.invented(self.rooms))
         where: dict[str, str] = {}
+        moves: dict[str, int] = {}
         pending: list[str] = []
         last = ""
         for _ in range(self.rng.randint(4, 8)):
@@ -377,9 +388,14 @@ class World:
                 to = self.rng.choice([r for r in rooms if r != where.get(who)])
                 pending.append(f"{who} {self.rng.choice(self.MOVES)} {to}.")
                 where[who] = last = to
-            if self.rng.random() < 0.75 or not pending:
+                moves[who] = moves.get(who, 0) + 1
+            if self.rng.random() < self.question_rate or not pending:
                 elsewhere = sorted(s for s in where if where[s] != last)
-                subject = self.rng.choice(elsewhere if elsewhere and self.rng.random() < 0.5 else sorted(where))
+                again = sorted(s for s in elsewhere if moves.get(s, 0) > 1)
+                if again and self.revisit and self.rng.random() < self.revisit:
+                    subject = self.rng.choice(again)
+                else:
+                    subject = self.rng.choice(elsewhere if elsewhere and self.rng.random() < 0.5 else sorted(where))
                 question = f"Where is {subject}?"
                 answer = f"{subject[0].upper() + subject[1:]} is in the {where[subject]}."
                 session.say("user", self._join(pending + [question]))
@@ -438,7 +454,7 @@ class World:
     def session(self) -> Session:
         """One training session, with the mix the nano model is trained on."""
         roll = self.rng.random()
-        if roll < 0.5:
+        if roll < 0.92 - self.story_share:
             return self.facts_session()
         if roll < 0.92:
             return self.story_session()
