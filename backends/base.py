@@ -20,6 +20,18 @@ class BackendError(Exception):
     """A clear, one-line problem with a model, an adapter or an engine (shown to the user as is)."""
 
 
+# Special tokens that end a text wherever a model's vocabulary has them. llama.cpp stops generating at
+# every one of them (its end-of-generation set), not only at the declared end of turn, so the other
+# engines stop there too: a model that samples <|endoftext|> mid-reply ends the reply on all three.
+END_OF_TEXT = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+def end_token_ids(eos_token_id: int | None, added_vocab: Mapping[str, int]) -> frozenset[int]:
+    """The ids that end generation: the end of turn, and the end-of-text tokens the vocabulary adds."""
+    ends = {added_vocab[text] for text in END_OF_TEXT if text in added_vocab}
+    return frozenset(ends | ({eos_token_id} if eos_token_id is not None else set()))
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick tokens. ``temperature == 0`` means greedy, which all engines agree on."""

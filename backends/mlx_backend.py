@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from backends.base import Adapter, BackendError, Sampling
+from backends.base import Adapter, BackendError, Sampling, end_token_ids
 from backends.incremental_text import IncrementalText
 from backends.peft_io import LoraBlock, check_lora_fits, read_lora, read_model_config
 
@@ -39,7 +39,7 @@ class MlxBackend:
         if mx.default_device() == mx.cpu:
             self.model.set_dtype(mx.float32)
         self.context_length = int(config.get("max_position_embeddings", self.tokenizer.model_max_length))
-        self.end_token_id = self.tokenizer.eos_token_id
+        self.end_token_ids = end_token_ids(self.tokenizer.eos_token_id, self.tokenizer.get_added_vocab())
         self.linears = {  # the model's own layers, put back when adapters change
             name: module
             for name, module in self.model.named_modules()
@@ -83,7 +83,7 @@ class MlxBackend:
         for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=budget, sampler=sampler):
             if cancel is not None and cancel.is_set():
                 return
-            if token == self.end_token_id:
+            if token in self.end_token_ids:
                 break
             piece = text.add(token)
             if piece:

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from backends.base import Adapter, BackendError, Sampling
+from backends.base import Adapter, BackendError, Sampling, end_token_ids
 from backends.incremental_text import IncrementalText
 from backends.peft_io import check_lora_fits, read_lora, read_model_config
 
@@ -51,7 +51,7 @@ class TorchBackend:
             for name, module in base.named_modules()
             if isinstance(module, torch.nn.Linear)
         }
-        self.end_token_id = self.tokenizer.eos_token_id
+        self.end_token_ids = end_token_ids(self.tokenizer.eos_token_id, self.tokenizer.get_added_vocab())
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
@@ -89,7 +89,7 @@ class TorchBackend:
             output = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
             cache = output.past_key_values
             token = _pick_token(output.logits[0, -1].float().cpu(), sampling, generator)
-            if token == self.end_token_id:
+            if token in self.end_token_ids:
                 break
             piece = text.add(token)
             if piece:

@@ -62,7 +62,7 @@ class TorchBlockTrainer:
             check_lora_fits(block.path, read_lora(block.path), engine.linear_shapes)
         self.hf_dir, self.device, self.tokenizer = engine.hf_dir, engine.device, engine.tokenizer
         self.render_chat = engine.render_chat
-        self.context_length, self.end_token_id = engine.context_length, engine.end_token_id
+        self.context_length, self.end_token_ids = engine.context_length, engine.end_token_ids
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
         try:
@@ -125,9 +125,9 @@ class TorchBlockTrainer:
             cache = output.past_key_values
             tokens = _pick_tokens(output.logits[:, -1].float().cpu(), sampling, generator).tolist()
             for row, token in zip(live, tokens):
-                if token != self.end_token_id:
+                if token not in self.end_token_ids:
                     outputs[row].append(token)
-            keep = [index for index, token in enumerate(tokens) if token != self.end_token_id]
+            keep = [index for index, token in enumerate(tokens) if token not in self.end_token_ids]
             if not keep:
                 break
             if len(keep) < len(live):

@@ -97,7 +97,8 @@ def test_seeded_sampling_is_reproducible_and_cancel_stops(engines):
 
 def test_stream_stops_at_end_of_turn_without_showing_it(engines):
     mlx_engine, _ = engines
-    assert mlx_engine.end_token_id == mlx_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ends = {mlx_engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert mlx_engine.end_token_ids == ends  # the end of turn, and the end of text llama.cpp stops at too
     prompt_ids = mx.array(mlx_engine.encode(mlx_engine.render_chat(PROMPT_MESSAGES)))
     greedy = [token for token, _ in generate_step(prompt_ids, mlx_engine.model, max_tokens=8)]
     check_stops_at_end_token(mlx_engine, greedy, mlx_engine.tokenizer.decode)

@@ -118,18 +118,19 @@ def test_greedy_stream_matches_transformers_generate(backend, reference):
 def check_stops_at_end_token(backend: Backend, greedy_ids: list[int], decode) -> None:
     """Any engine: pretend a token the model greedily writes ends the turn; the stream stops before it."""
     stop_at = next(i for i, token in enumerate(greedy_ids) if i > 0 and token not in greedy_ids[:i])
-    usual = backend.end_token_id
-    backend.end_token_id = greedy_ids[stop_at]
+    usual = backend.end_token_ids
+    backend.end_token_ids = frozenset({greedy_ids[stop_at]})
     try:
         text = "".join(backend.stream(backend.render_chat(PROMPT_MESSAGES), Sampling(max_tokens=len(greedy_ids))))
     finally:
-        backend.end_token_id = usual
+        backend.end_token_ids = usual
     assert text == decode(greedy_ids[:stop_at])
 
 
 def test_stream_stops_at_end_of_turn_without_showing_it(backend, reference):
     model, tokenizer = reference
-    assert backend.end_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ends = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert backend.end_token_ids == ends  # the end of turn, and the end of text llama.cpp stops at too
     ids = tokenizer(prompt_of(backend), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()

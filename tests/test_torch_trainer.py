@@ -236,13 +236,14 @@ def test_each_row_stops_at_its_own_end_of_turn(trainer, backend, frozen):
     with torch.no_grad():
         written = backend.model.generate(first, max_new_tokens=12, do_sample=False)[0, first.shape[1]:].tolist()
     stop_at = next(i for i, token in enumerate(written) if i > 0 and token not in written[:i])
-    trainer.end_token_id = backend.end_token_id = written[stop_at]
+    usual = backend.end_token_ids
+    trainer.end_token_ids = backend.end_token_ids = frozenset({written[stop_at]})
     try:
         texts = trainer.generate(prompts, Sampling(max_tokens=12), new_block=False)
         assert texts[0] == backend.tokenizer.decode(written[:stop_at])
         assert texts == ["".join(backend.stream(prompt, Sampling(max_tokens=12))) for prompt in prompts]
     finally:
-        backend.end_token_id = backend.tokenizer.eos_token_id
+        trainer.end_token_ids = backend.end_token_ids = usual
     assert trainer.decode(trainer.encode("Hi<|im_end|>")) == "Hi"  # special tokens never reach the text
 
 
