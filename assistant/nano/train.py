@@ -2,7 +2,9 @@
 
 A plain loop in the spirit of nanoGPT: the world generator writes sessions, the tokenizer is trained
 on them, and a small Llama learns to answer from its context (full loss on the assistant's turns,
-a lighter one on the user's: see ``encode``). Deterministic for a given seed and step count on a machine.
+a lighter one on the user's: see ``encode``). Eager training is bitwise deterministic for a seed and
+step count on a machine; with ``--compile`` (the default, about 1.2x the steps per second) two runs
+of the same seed differ in their last bits, so only their quality is comparable.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def train(
 ) -> dict:
     """Train and save the model in ``out``; ``babi``: the folder of the bAbI qa1 file the log
     watches (by default ../shared/data/babi; evaluation only, never trained on); ``compile``:
-    torch.compile the training step (about 1.2x the steps per second on a CPU)."""
+    torch.compile the training step (about 1.2x the steps per second on a CPU; not bitwise repeatable)."""
     random.seed(seed)
     torch.manual_seed(seed)
     started = time.time()
