@@ -451,11 +451,14 @@ class World:
             session.say("assistant", self.rng.choice(replies))
         return session
 
+    SMALL_TALK_SHARE = 0.08  # of sessions; the rest are stories (``story_share``) and facts
+
     def session(self) -> Session:
         """One training session, with the mix the nano model is trained on."""
         roll = self.rng.random()
-        if roll < 0.92 - self.story_share:
+        stories_end = 1 - self.SMALL_TALK_SHARE
+        if roll < stories_end - self.story_share:
             return self.facts_session()
-        if roll < 0.92:
+        if roll < stories_end:
             return self.story_session()
         return self.small_talk_session()
