@@ -247,6 +247,18 @@ def test_each_row_stops_at_its_own_end_of_turn(trainer, backend, frozen):
     assert trainer.decode(trainer.encode("Hi<|im_end|>")) == "Hi"  # special tokens never reach the text
 
 
+def test_generation_in_small_batches_keeps_each_prompts_answer(trainer, monkeypatch):
+    """Prompts decode a few at a time, shortest first; the answers come back in the prompts' order,
+    the same as decoded all together."""
+    prompts = prompts_of(trainer)
+    prompts = [prompts[0] + " more words here", *prompts, prompts[-1][:5]]
+    greedy = Sampling(max_tokens=12)
+    together = trainer.generate(prompts, greedy, new_block=False)
+    monkeypatch.setattr(trainer, "generate_batch", 2)
+    assert trainer.generate(prompts, greedy, new_block=False) == together
+    assert len(set(together)) > 1
+
+
 def test_sampling_is_seeded(trainer):
     prompts = prompts_of(trainer)
     hot = Sampling(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
