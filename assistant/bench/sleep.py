@@ -68,7 +68,6 @@ DREAM_ABLATIONS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # issu
     "no_noise": lambda settings: replace(settings, dreams=replace(settings.dreams, noise=0.0)),
 }
 ABLATION_NIGHT = 2  # block noise needs an earlier night's block to act on
-EVAL_BATCH = 32
 NIGHT_KEYS = ("recall", "seconds", "cpu_seconds", "peak_rss_mb", "status")  # a night's record, as a method's
 _MOVE = re.compile(r"^(?P<who>\w+) .*\bto the (?P<where>\w+)\.?$")
 
@@ -241,13 +240,12 @@ class Span:
 
 
 def _ask(trainer, chats: Sequence[list[dict]], values: Sequence[str], *, new_block: bool = False) -> list[bool]:
-    """Greedy answers to ``chats`` (batched), each judged by whether it states its gold value."""
+    """Greedy answers to ``chats``, each judged by whether it states its gold value (the trainer
+    decodes them in batches of its own size)."""
     from assistant.sleep.gate import GREEDY
 
     prompts = [trainer.render_chat(chat) for chat in chats]
-    answers: list[str] = []
-    for start in range(0, len(prompts), EVAL_BATCH):
-        answers += trainer.generate(prompts[start : start + EVAL_BATCH], GREEDY, new_block=new_block)
+    answers = trainer.generate(prompts, GREEDY, new_block=new_block)
     return [evaluate.answered(answer, value) for answer, value in zip(answers, values)]
 
 
