@@ -93,6 +93,20 @@ def test_hand_computed_two_word_values(ops, beta, expected):
     assert float(as_numpy(value)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_row_weighted_two_counts_as_that_row_twice():
+    student, teacher, mask = random_case()
+    weighted = mask * np.array([[2.0], [1.0]], dtype=np.float32)
+    twice = [np.concatenate([a[:1], a]) for a in (student, teacher, mask)]
+
+    def jsd(arrays, beta):
+        return generalized_jsd(TORCH_OPS, *(torch.from_numpy(a) for a in arrays), beta).item()
+
+    for beta in (0.0, 0.5, 1.0):
+        value = jsd((student, teacher, weighted), beta)
+        assert value == pytest.approx(jsd(twice, beta), rel=1e-6)
+        assert value != pytest.approx(jsd((student, teacher, mask), beta), rel=1e-3)  # the weight matters
+
+
 def test_beta_zero_is_torch_forward_kl_and_beta_one_its_reverse():
     student, teacher, mask = (torch.from_numpy(a) for a in random_case())
     student_logp, teacher_logp = F.log_softmax(student, -1), F.log_softmax(teacher, -1)

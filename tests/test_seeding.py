@@ -47,7 +47,8 @@ def test_a_night_trains_at_least_one_step(tiny_model_dir):
 def test_a_seeding_step_takes_the_papers_objective_with_each_term_on_its_own_rows(tiny_model_dir):
     """Distillation rows and an LTI group share one batch (and one optimiser step): the loss is
     alpha * JSD over the distillation rows + (1 - alpha) * the group's policy-gradient loss, each
-    read from its own rows, even where the group's completions are the longer ones."""
+    read from its own rows, even where the group's completions are the longer ones; an anchor
+    row's tokens count ``anchor_weight`` times in the divergence."""
     trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu")
     ops, marker = trainer.ops, seeding.end_of_turn(trainer)
 
@@ -55,19 +56,21 @@ def test_a_seeding_step_takes_the_papers_objective_with_each_term_on_its_own_row
         return trainer.render_chat([{"role": "user", "content": turn} for turn in turns])
 
     rows = [Row(chat("I live in Quito.", "Where do I live?"), chat("Where do I live?"), "You live in Quito."),
-            Row(chat("My dog is Rex.", "Name my dog."), chat("Name my dog."), "Rex.")]
+            Row(chat("My dog is Rex.", "Name my dog."), chat("My dog is Rex.", "Name my dog."), "Rex.",
+                kind="anchor")]
     seeding.prepare(trainer, rows, marker)
     completions = [trainer.encode("Your dog is called Rex, the big one." + marker), trainer.encode("Bo." + marker)]
     group = seeding.ImitationGroup(trainer.encode(rows[1].student_prompt), completions, [1.0, 0.0],
                                    ops.asarray([1.0, -1.0]), teaches=True)
-    settings = SeedingSettings(on_policy=0.0, alpha=0.3)
+    settings = SeedingSettings(on_policy=0.0, alpha=0.3, anchor_weight=3.0)
 
     def expected(with_group: bool) -> float:
         student, mask = trainer.completion_logits([r.student_ids for r in rows], [r.answer_ids for r in rows],
                                                   new_block=True)
         teacher, _ = trainer.completion_logits([r.teacher_ids for r in rows], [r.answer_ids for r in rows],
                                                new_block=False)
-        divergence = losses.generalized_jsd(ops, student, teacher, mask, settings.beta)
+        weighted = mask * ops.asarray([[1.0], [settings.anchor_weight]])
+        divergence = losses.generalized_jsd(ops, student, teacher, weighted, settings.beta)
         if not with_group:
             return float(settings.alpha * divergence)
         own, own_mask = trainer.completion_logits([group.prompt_ids] * 2, completions, new_block=True)

@@ -48,7 +48,8 @@ def generalized_jsd(
     about beta (or 1 - beta) times that KL, so the loss scale jumps at exactly 0 and 1.
 
     Both distributions are softmax(logits / temperature); teacher logits never carry gradient.
-    An all-zero mask gives 0.
+    ``mask`` is 1 on completion tokens and 0 elsewhere, or any non-negative token weights (a
+    weighted mean: a row weighted 2 counts as that row twice). An all-zero mask gives 0.
     """
     _require_unit_interval("beta", beta)
     if temperature <= 0:
@@ -134,7 +135,7 @@ def _kl(ops: ArrayOps, log_p, log_q):
 
 
 def _masked_mean(ops: ArrayOps, values, mask):
-    """Mean of ``values`` where ``mask`` is 1 (0 when nothing is masked in)."""
+    """Mean of ``values`` weighted by ``mask`` (0 when nothing is masked in)."""
     mask = ops.asarray(mask, like=values)
     return ops.sum(values * mask) / ops.clip(ops.sum(mask), low=1.0)
 
