@@ -249,11 +249,10 @@ class Gate:
     """The night's judge: one measure of the pre-sleep model, then each candidate block against it.
 
     Candidates are read in order of recall, a tie broken by ``sureness`` (the probes are few and
-    often all answered), and the first that passes goes forward; a dreamt block must recall
-    strictly more than the consolidated one it grew from (``better``) to go live instead. The
-    in-context check that picks a candidate also judges it, which favours a lucky one by about
-    the measure's noise (``choose`` keeps that to the few candidates it reads); the bench's
-    in-context drop, on other sessions, is the unbiased check."""
+    often all answered), and the first that passes goes live; a dreamt block must recall strictly
+    more than the consolidated one it grew from (``better``) to go live instead. The in-context check that picks a candidate also judges it, which
+    favours a lucky one by about the measure's noise (``choose`` keeps that to the few candidates
+    it reads); the bench's in-context drop, on other sessions, is the unbiased check."""
 
     def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
                  settings: GateSettings, reading_base: dict | None = None, known: Sequence[str] = ()):
@@ -293,8 +292,8 @@ class Gate:
         Every candidate is asked tonight's probes and the old ones. The in-context reading, most
         of a judgement's cost, is read only of those that could go live (recall rises, retention
         holds): the most recalling first (a tie: the surest of the references), until one
-        passes. So the gate can afford a reading over many sessions, and a lucky reading among
-        many candidates is rarely what lets a block through."""
+        passes. So the gate can afford a reading over many
+        sessions, and a lucky reading among many candidates is rarely what lets a block through."""
         records = []
         for steps, state in sorted(checkpoints.items()):
             for scale in sorted(self.settings.scales):
