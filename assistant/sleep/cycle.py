@@ -21,8 +21,7 @@ from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import (GateSettings, Measurement, Probe, Verdict, better, decide, fits, in_context, kept_share,
-                                  measure, sureness)
+from assistant.sleep.gate import GateSettings, Measurement, Probe, Verdict, better, decide, fits, in_context, kept_share, measure
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
@@ -248,9 +247,9 @@ def _remembered(old_probes: list[Probe], old_prompts: list[dict], count: int, rn
 class Gate:
     """The night's judge: one measure of the pre-sleep model, then each candidate block against it.
 
-    Candidates are read in order of recall, a tie broken by ``sureness`` (the probes are few and
-    often all answered), and the first that passes goes live; a dreamt block must recall strictly
-    more than the consolidated one it grew from (``better``) to go live instead. The in-context check that picks a candidate also judges it, which
+    Better means promotable and recalling strictly more (``better``), so a tie keeps the smaller
+    change (fewer steps, then a smaller scale), and a dreamt block must beat the consolidated one
+    it grew from to go live. The in-context check that picks a candidate also judges it, which
     favours a lucky one by about the measure's noise (``choose`` keeps that to the few candidates
     it reads); the bench's in-context drop, on other sessions, is the unbiased check."""
 
@@ -291,8 +290,8 @@ class Gate:
 
         Every candidate is asked tonight's probes and the old ones. The in-context reading, most
         of a judgement's cost, is read only of those that could go live (recall rises, retention
-        holds): the most recalling first (a tie: the surest of the references), until one
-        passes. So the gate can afford a reading over many
+        holds): the most recalling first (a tie: fewer steps, then a smaller scale), until one
+        passes, the one ``better`` would pick. So the gate can afford a reading over many
         sessions, and a lucky reading among many candidates is rarely what lets a block through."""
         records = []
         for steps, state in sorted(checkpoints.items()):
@@ -302,9 +301,8 @@ class Gate:
                 asked = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True, reading=False)
                 kept = kept_share(self.before.old_recall, asked.old_recall, asked.old_hits, self.known)
                 records.append(({"steps": steps, "scale": scale, "recall": asked.recall, "retention": kept,
-                                 "sureness": sureness(self.trainer, self.probes, new_block=True),
                                  "in_context": None, "promote": False, "chosen": False}, candidate, asked))
-        ranked = sorted(records, key=lambda entry: (-entry[0]["recall"], -entry[0]["sureness"]))
+        ranked = sorted(records, key=lambda entry: -entry[0]["recall"])
         hopeful = [entry for entry in ranked if entry[0]["recall"] > self.before.recall
                    and entry[0]["retention"] >= 1 - self.settings.retention_tolerance]
         best = best_state = chosen = None
