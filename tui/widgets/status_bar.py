@@ -35,8 +35,18 @@ class StatusBar(Horizontal):
         yield Label("", id="sleep-stage", markup=False)
         yield ProgressBar(total=1.0, show_eta=False, id="sleep-progress")
 
+    line: StatusLine | None = None
+
+    def on_mount(self) -> None:
+        if self.line is not None:
+            self.show(self.line)
+
     def show(self, line: StatusLine) -> None:
-        self.query_one("#status-text", Label).update(line.text())
+        """Show ``line``; asked before the bar's label is mounted (or after it is gone, as the app
+        exits), the line waits for ``on_mount`` instead of raising."""
+        self.line = line
+        for label in self.query("#status-text").results(Label):
+            label.update(line.text())
 
     def sleep_started(self, reason: str) -> None:
         self.add_class("-sleeping")
