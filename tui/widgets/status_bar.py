@@ -30,12 +30,12 @@ class StatusLine:
 class StatusBar(Horizontal):
     """One line at the bottom of the screen."""
 
+    line: StatusLine | None = None  # the last line asked for, shown again once the label is mounted
+
     def compose(self) -> ComposeResult:
         yield Label("starting", id="status-text", markup=False)
         yield Label("", id="sleep-stage", markup=False)
         yield ProgressBar(total=1.0, show_eta=False, id="sleep-progress")
-
-    line: StatusLine | None = None
 
     def on_mount(self) -> None:
         if self.line is not None:
