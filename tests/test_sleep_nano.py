@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -95,19 +96,26 @@ def test_the_gate_reads_only_candidates_that_could_go_live_the_most_recalling_fi
         prompt = trainer.encode(trainer.render_chat([{"role": "user", "content": question}]))
         for _ in range(40):
             trainer.train_step([prompt], [trainer.encode(answer + "<|im_end|>")], learn)
-        gate = cycle.Gate(trainer, [Probe(question, answer)], [], GateSettings(in_context_sessions=4, scales=(0.5, 1.0)))
-        verdict, judged = gate.choose({10: untrained, 40: trainer.new_block_state()})
+        settings = GateSettings(in_context_sessions=4, scales=(0.5, 1.0))
+        checkpoints = {10: untrained, 40: trainer.new_block_state()}
+        verdict, judged = cycle.Gate(trainer, [Probe(question, answer)], [], settings).choose(checkpoints)
+        unreadable = replace(settings, in_context_tolerance=-1.0)  # reading must rise 100 points: none passes
+        _, failed = cycle.Gate(trainer, [Probe(question, answer)], [], unreadable).choose(checkpoints)
     finally:
         trainer.close()
     assert [(c["steps"], c["scale"]) for c in judged] == [(10, 0.5), (10, 1.0), (40, 0.5), (40, 1.0)]
     assert [c["recall"] for c in judged[:2]] == [0.0, 0.0] and judged[3]["recall"] == 1.0
-    ranked = sorted(judged, key=lambda c: -c["recall"])  # the most recalling first, then the smaller change
-    read = [c for c in judged if c["in_context"] is not None]
+    ranked = sorted(judged, key=lambda c: (-c["recall"], -c["sureness"]))  # the most recalling, then the surest
+    read = [c for c in ranked if c["in_context"] is not None]  # in the order they were read
     assert read == ranked[:len(read)] and all(c["recall"] == 1.0 for c in read)  # nothing new recalled: never read
     passed = [c for c in read if c["promote"]]
     assert passed == read[-1:] or not passed and len(read) == 2  # reading stops at the first that passes
     chosen = [c for c in judged if c["chosen"]]
-    assert chosen == (passed or read[:1]) and chosen[0]["recall"] == verdict.recall_after
+    best_read = max(read, key=lambda c: c["in_context"])  # none passing: the one that read best is left
+    assert chosen == (passed or [best_read]) and chosen[0]["recall"] == verdict.recall_after
+    read = [c for c in failed if c["in_context"] is not None]
+    assert len(read) == 2 and not any(c["promote"] for c in read)
+    assert [c for c in failed if c["chosen"]] == [max(read, key=lambda c: c["in_context"])]
 
 
 def _night_of_two_sessions(tmp_path, settings, **kwargs):

@@ -21,7 +21,8 @@ from assistant.models import ModelError, resolve_model
 from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import GateSettings, Measurement, Probe, Verdict, better, decide, fits, in_context, kept_share, measure
+from assistant.sleep.gate import (GateSettings, Measurement, Probe, Verdict, better, decide, fits, in_context, kept_share,
+                                  measure, sureness)
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
@@ -247,11 +248,12 @@ def _remembered(old_probes: list[Probe], old_prompts: list[dict], count: int, rn
 class Gate:
     """The night's judge: one measure of the pre-sleep model, then each candidate block against it.
 
-    Better means promotable and recalling strictly more (``better``), so a tie keeps the smaller
-    change (fewer steps, then a smaller scale), and a dreamt block must beat the consolidated one
-    it grew from to go live. The in-context check that picks a candidate also judges it, which
-    favours a lucky one by about the measure's noise (``choose`` keeps that to the few candidates
-    it reads); the bench's in-context drop, on other sessions, is the unbiased check."""
+    Candidates are read in order of recall, a tie broken by ``sureness`` (the probes are few and
+    often all answered), and the first that passes goes forward; a dreamt block must recall
+    strictly more than the consolidated one it grew from (``better``) to go live instead. The
+    in-context check that picks a candidate also judges it, which favours a lucky one by about
+    the measure's noise (``choose`` keeps that to the few candidates it reads); the bench's
+    in-context drop, on other sessions, is the unbiased check."""
 
     def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
                  settings: GateSettings, reading_base: dict | None = None, known: Sequence[str] = ()):
@@ -290,9 +292,13 @@ class Gate:
 
         Every candidate is asked tonight's probes and the old ones. The in-context reading, most
         of a judgement's cost, is read only of those that could go live (recall rises, retention
-        holds): the most recalling first (a tie: fewer steps, then a smaller scale), until one
-        passes, the one ``better`` would pick. So the gate can afford a reading over many
-        sessions, and a lucky reading among many candidates is rarely what lets a block through."""
+        holds): the most recalling first (a tie: the surest of the references), until one
+        passes. So the gate can afford a reading over many sessions, and a lucky reading among
+        many candidates is rarely what lets a block through.
+
+        When none passes, the one that read best is left, not the first read (with ties going to
+        sureness, the largest change): dreaming starts from it, and its anchor steps have the
+        least reading to win back."""
         records = []
         for steps, state in sorted(checkpoints.items()):
             for scale in sorted(self.settings.scales):
@@ -301,18 +307,20 @@ class Gate:
                 asked = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True, reading=False)
                 kept = kept_share(self.before.old_recall, asked.old_recall, asked.old_hits, self.known)
                 records.append(({"steps": steps, "scale": scale, "recall": asked.recall, "retention": kept,
+                                 "sureness": sureness(self.trainer, self.probes, new_block=True),
                                  "in_context": None, "promote": False, "chosen": False}, candidate, asked))
-        ranked = sorted(records, key=lambda entry: -entry[0]["recall"])
+        ranked = sorted(records, key=lambda entry: (-entry[0]["recall"], -entry[0]["sureness"]))
         hopeful = [entry for entry in ranked if entry[0]["recall"] > self.before.recall
                    and entry[0]["retention"] >= 1 - self.settings.retention_tolerance]
-        best = best_state = chosen = None
+        read = []
         for record, candidate, asked in hopeful or ranked[:1]:  # none hopeful: the most recalling says why
             verdict = self.judge(candidate, asked)
             record.update(in_context=verdict.in_context_after, promote=verdict.promote)
-            if best is None or better(verdict, best):
-                best, best_state, chosen = verdict, candidate, record
+            read.append((verdict, candidate, record))
             if verdict.promote:
                 break
+        passed = read[-1][0].promote
+        best, best_state, chosen = read[-1] if passed else max(read, key=lambda entry: entry[0].in_context_after)
         chosen["chosen"] = True
         self.trainer.load_new_block_state(best_state)
         return best, [record for record, *_ in records]

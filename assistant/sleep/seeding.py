@@ -302,12 +302,13 @@ def teacher_judgement(trainer: BlockTrainer, row: Row, candidates: Sequence[str]
 
 
 def mean_token_probability(
-    trainer: BlockTrainer, prefixes: Sequence[Sequence[int]], candidates: Sequence[str], marker: str
+    trainer: BlockTrainer, prefixes: Sequence[Sequence[int]], candidates: Sequence[str], marker: str,
+    new_block: bool = False,
 ) -> list[float]:
     """How sure the teacher (frozen blocks only) is of each candidate after its prefix: the
     geometric mean of its per-token probabilities, end-of-turn included."""
     completions = [trainer.encode(c + marker) for c in candidates]
-    logits, mask = trainer.completion_logits(prefixes, completions, new_block=False)
+    logits, mask = trainer.completion_logits(prefixes, completions, new_block=new_block)
     ops = trainer.ops
     logprobs = losses.completion_logprobs(ops, logits, _pad(completions))
     totals = ops.sum(logprobs * mask, axis=-1)
