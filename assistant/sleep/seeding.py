@@ -305,8 +305,9 @@ def mean_token_probability(
     trainer: BlockTrainer, prefixes: Sequence[Sequence[int]], candidates: Sequence[str], marker: str,
     new_block: bool = False,
 ) -> list[float]:
-    """How sure the teacher (frozen blocks only) is of each candidate after its prefix: the
-    geometric mean of its per-token probabilities, end-of-turn included."""
+    """How sure the teacher (frozen blocks only; with ``new_block``, the candidate block the gate
+    judges) is of each candidate after its prefix: the geometric mean of its per-token
+    probabilities, end-of-turn included."""
     completions = [trainer.encode(c + marker) for c in candidates]
     logits, mask = trainer.completion_logits(prefixes, completions, new_block=new_block)
     ops = trainer.ops
