@@ -113,9 +113,9 @@ def test_the_gate_reads_only_candidates_that_could_go_live_the_most_recalling_fi
     chosen = [c for c in judged if c["chosen"]]
     best_read = max(read, key=lambda c: c["in_context"])  # none passing: the one that read best is left
     assert chosen == (passed or [best_read]) and chosen[0]["recall"] == verdict.recall_after
-    read = [c for c in failed if c["in_context"] is not None]
-    assert len(read) == 2 and not any(c["promote"] for c in read)
-    assert [c for c in failed if c["chosen"]] == [max(read, key=lambda c: c["in_context"])]
+    read_unpassed = [c for c in failed if c["in_context"] is not None]
+    assert len(read_unpassed) == 2 and not any(c["promote"] for c in read_unpassed)
+    assert [c for c in failed if c["chosen"]] == [max(read_unpassed, key=lambda c: c["in_context"])]
 
 
 def _night_of_two_sessions(tmp_path, settings, **kwargs):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from assistant.nano import evaluate
 from assistant.sleep import seeding
+from assistant.sleep.lessons import user_turn
 from assistant.sleep.rewards import normalise_answer
 from backends.base import BlockTrainer, Sampling
 
@@ -82,12 +83,16 @@ def matches(answer: str, reference: str) -> bool:
     return normalise_answer(answer) == normalise_answer(reference)
 
 
+def alone(trainer: BlockTrainer, probes: Sequence[Probe]) -> list[str]:
+    """Each probe's question as the model is asked it: in a fresh chat, no session in context."""
+    return [trainer.render_chat(user_turn(p.question)) for p in probes]
+
+
 def hits(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> tuple[bool, ...]:
     """Which probes are answered, with no session in context, as the teacher answered them."""
     if not probes:
         return ()
-    prompts = [trainer.render_chat([{"role": "user", "content": p.question}]) for p in probes]
-    answers = trainer.generate(prompts, GREEDY, new_block=new_block)
+    answers = trainer.generate(alone(trainer, probes), GREEDY, new_block=new_block)
     return tuple(matches(a, p.reference) for a, p in zip(answers, probes))
 
 
@@ -102,7 +107,7 @@ def sureness(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool)
     held-out phrasings 73 -> 84% and 75 -> 79%, reading within the same 2 points."""
     if not probes:
         return 0.0
-    prompts = [trainer.encode(trainer.render_chat([{"role": "user", "content": p.question}])) for p in probes]
+    prompts = [trainer.encode(prompt) for prompt in alone(trainer, probes)]
     sure = seeding.mean_token_probability(trainer, prompts, [p.reference for p in probes],
                                           seeding.end_of_turn(trainer), new_block=new_block)
     return sum(sure) / len(sure)
