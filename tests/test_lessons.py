@@ -50,6 +50,17 @@ def test_questions_the_user_asked_become_prompts():
     assert lessons.asked_questions(messages) == ["Where is John?", "Where is Mary?"]
 
 
+def test_each_told_sentence_is_a_context_of_its_own_to_write_questions_about():
+    messages = [
+        {"role": "user", "content": "My dog is Rex. I live in Oslo.\nWhere is John?"},
+        {"role": "assistant", "content": "Rex is a fine name."},
+        {"role": "user", "content": "I live in Oslo. My sister is Mia!"},
+    ]
+    told = [lessons.said(context) for context in lessons.statement_contexts(messages)]
+    assert told == ["My dog is Rex.", "I live in Oslo.", "My sister is Mia!"]  # no question, no reply, once each
+    assert all(context[-1]["role"] == "assistant" for context in lessons.statement_contexts(messages))
+
+
 def test_probes_are_rephrasings_of_what_training_still_teaches():
     answers = {f"q{i}?": f"Answer {i // 2}." for i in range(10)}  # five answers, two questions each
     answers["lone?"] = "Only here."

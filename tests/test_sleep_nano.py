@@ -235,3 +235,20 @@ def test_a_night_of_one_story_contradicts_it_with_its_own_other_rooms():
     for anchor in anchors:
         swapped = "John went to the garden" in anchor.student_prompt or "Mary moved to the hallway" in anchor.student_prompt
         assert swapped and anchor.answer in ("John is in the garden.", "Mary is in the hallway.")
+
+
+def test_the_teacher_writes_questions_about_every_fact_a_session_tells(tmp_path):
+    paths = open_paths(tmp_path / "home")
+    config = load_config(paths).with_overrides(model="nano", backend="torch")
+    told = "Samuel's home is in Quito. I'm seeing the lawyer on Sunday at 4 pm. My turtle's name is Mango."
+    with open_store(paths, config) as store:
+        session = store.create_session(model="nano")
+        store.add_message(session, "user", told)
+        store.add_message(session, "assistant", "Noted.")
+        trainer = open_trainer("torch", NANO_DIR)
+        try:  # no sampled lists: asked about the whole session, the model writes of Samuel only
+            [lesson] = cycle._lessons(trainer, store, session, SleepSettings(question_samples=0), random.Random(0))
+        finally:
+            trainer.close()
+    for topic in ("Samuel", "lawyer", "turtle"):
+        assert any(topic in question for question in lesson.prompts), lesson.prompts

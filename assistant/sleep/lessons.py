@@ -6,7 +6,8 @@ so that a later statement supersedes an earlier one. A session longer than the c
 split into overlapping windows of user turns rather than silently cut.
 
 Prompts come from the session itself: the questions the user asked in it, and questions the teacher
-writes about it when asked (any chat model can; the bundled nano model was trained to). A share of
+writes when asked about it, and about each sentence the user told alone, so that no fact goes
+unasked (any chat model can; the bundled nano model was trained to). A share of
 them is held out as the gate's probes, never trained on: rephrasings of what another question
 teaches (or a question asked once, after a lead-in its training did not use), so that every fact
 the teacher asks about is learnt and the gate asks it in words the night never trained on, as the
@@ -95,16 +96,33 @@ def parse_questions(text: str) -> list[str]:
     return list(seen)
 
 
-def asked_questions(messages: Sequence[dict]) -> list[str]:
-    """Questions the user asked during the session, each a prompt whose answer is in the session."""
+def _sentences(messages: Sequence[dict]) -> list[str]:
+    """The user's sentences, in order, each once."""
     found: dict[str, None] = {}
     for message in messages:
-        if message["role"] != "user":
-            continue
-        for sentence in re.split(r"(?<=[.!?])\s+|\n", message["content"]):
-            if sentence.strip().endswith("?") and len(sentence) < 200:
-                found.setdefault(sentence.strip(), None)
+        if message["role"] == "user":
+            for sentence in re.split(r"(?<=[.!?])\s+|\n", message["content"]):
+                if sentence.strip():
+                    found.setdefault(sentence.strip(), None)
     return list(found)
+
+
+def asked_questions(messages: Sequence[dict]) -> list[str]:
+    """Questions the user asked during the session, each a prompt whose answer is in the session."""
+    return [sentence for sentence in _sentences(messages) if sentence.endswith("?") and len(sentence) < 200]
+
+
+def statement_contexts(messages: Sequence[dict]) -> list[list[dict]]:
+    """Each sentence the user told (not asked) as a knowledge context of its own.
+
+    Asked about a whole session, a small model writes questions about two or three of its facts
+    and leaves the rest untaught: on the bench's first night, 5 of 30 facts got no question, and
+    none of them was recalled. Asked about one sentence at a time, it writes a question about
+    that sentence's fact (the teacher still answers it with the whole session in context). Bench
+    night 1 (sleep seed 1234, 288 anchors): the gate's pick held 66% of the night's 67 held-out
+    phrasings without these contexts and 82% with them."""
+    return [knowledge_context([{"role": "user", "content": sentence}])
+            for sentence in _sentences(messages) if not sentence.endswith("?")]
 
 
 def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple[set[str], list[str]]:
