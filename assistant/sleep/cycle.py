@@ -57,6 +57,14 @@ class SleepSettings:
     # them 2.8, 48 (about all a night of 10 sessions offers) 1.9, with the same recall of tonight's
     # probes (24-39% against 28-33%) in 17% less time.
     contrary_anchors: int = 48
+    # Earlier sessions taught again each night in fresh questions (``_reteach``), and contrary
+    # anchors over them. Bench night 2, its nine candidates (sleep seeds 1234 and 0): night 1's 67
+    # held-out phrasings kept 49-61% and 51-66% replaying prompts only, 60-73% and 67-93%
+    # re-teaching 10 sessions; they read 93.6-95.4% and 93.2-93.6% (the gate's reads), against
+    # 93.6-95.7% and 93.9-96.4%, and seed 0's night 2 went live. Without the contrary anchors
+    # over re-taught sessions, seed 2's 360-step block at 0.7 read 88.9%; with 24, 95.4%.
+    reteach_sessions: int = 10
+    reteach_contrary: int = 24
     seed: int = 0
 
 
@@ -158,7 +166,12 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     old_probes = [p for p in old_probes if p.question not in newer]
     rows += [Row(trainer.render_chat(user_turn(p["question"])), trainer.render_chat(user_turn(p["question"])),
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
-    anchors = _anchors(trainer, settings) + _contrary(trainer, new_lessons, rows, settings.contrary_anchors, rng)
+    if stack.blocks:
+        progress("questions", 0.09, "asking afresh about earlier sessions")
+    retaught, retaught_contrary = _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng)
+    rows += retaught
+    anchors = (_anchors(trainer, settings) + _contrary(trainer, new_lessons, _taught(rows), settings.contrary_anchors, rng)
+               + retaught_contrary)
     rows += anchors
     checkpoints: dict[int, list] = {}
     log = consolidate(trainer, rows, replace(settings.seeding, seed=settings.seed + run_id),
@@ -411,22 +424,47 @@ def _anchors(trainer, settings) -> list[Row]:
     return [Row(p, p, a.strip(), kind="anchor") for p, a in zip(prompts, answers) if a.strip()]
 
 
-def _contrary(trainer, new_lessons, rows: list[Row], count: int, rng: random.Random) -> list[Row]:
-    """Up to ``count`` of tonight's questions asked over a copy of their session whose value is
-    another session's (on a night of one session, another of its own values; a generated name or
-    place when there is none), with the
+def _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng) -> tuple[list[Row], list[Row]]:
+    """Earlier nights' sessions taught again, in fresh questions: replay rows, and contrary anchors
+    over them (see ``_contrary``).
+
+    Replaying only the prompts a session was first taught in holds those wordings and little
+    else: on the bench's second generated night, every candidate block lost 10-20 points of the
+    first night's held-out phrasings while the gate's retention (mostly replayed prompts) said
+    97-100%. So up to ``settings.reteach_sessions`` of the stack's sessions are read again: the
+    teacher (the live stack, the session in context) writes and answers new questions about
+    each, as for tonight's, less those tonight's sessions supersede or ask. Their answers are
+    trained into memory as tonight's are, so they get contrary anchors too, or reading pays for
+    them."""
+    tonight = {lesson.session_id for lesson in new_lessons}
+    older_ids = sorted({sid for block in stack.blocks for sid in block.sessions} - tonight)
+    if not settings.reteach_sessions or not older_ids:
+        return [], []
+    chosen = rng.sample(older_ids, min(len(older_ids), settings.reteach_sessions))
+    old_lessons = [lesson for sid in chosen for lesson in _lessons(trainer, store, sid, settings, rng)]
+    taught, _ = _teach(trainer, old_lessons, replace(settings, probe_share=0.0), rng)
+    stale = supersede.superseded(trainer, [(row.question, row.answer) for row in taught], new_lessons)
+    taught = [row for row in taught if row.question not in stale and row.student_prompt not in asked_tonight]
+    contrary = _contrary(trainer, old_lessons, _taught(taught), settings.reteach_contrary, rng)
+    return [replace(row, kind="replay") for row in taught], contrary
+
+
+def _contrary(trainer, taught_lessons, taught: list[Row], count: int, rng: random.Random) -> list[Row]:
+    """Up to ``count`` of the ``taught`` questions (one row each) asked over a copy of their
+    session whose value is another of ``taught_lessons``' sessions' (on a night of one session,
+    another of its own values; a generated name or place when there is none), with the
     pre-sleep model's answer when it reads the swapped value: the context must keep winning over
     what the night consolidates (see ``counterfactual``)."""
     if not count:
         return []
-    owner = {question: lesson for lesson in new_lessons for question in lesson.prompts}
-    said = {id(lesson): lessons.said(lesson.context) for lesson in new_lessons}
+    owner = {question: lesson for lesson in taught_lessons for question in lesson.prompts}
+    said = {id(lesson): lessons.said(lesson.context) for lesson in taught_lessons}
     found = []
-    for row in _taught(rows):
+    for row in taught:
         lesson = owner.get(row.question)
         if lesson is None:
             continue
-        others = [said[id(other)] for other in new_lessons if other.session_id != lesson.session_id]
+        others = [said[id(other)] for other in taught_lessons if other.session_id != lesson.session_id]
         values = counterfactual.values(row.answer, row.question, said[id(lesson)], others)
         if values:
             found.append((row, lesson, values[-1]))  # the value ends the answer: "... is called Zara."

@@ -135,7 +135,7 @@ def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple
     Holding out questions at random left a fact whose only question was drawn untaught: 17% and
     20% of the bench's first night (sleep seeds 0 and 3) were never trained on, and none recalled.
     A bAbI night asks "Where is X?" once per person, so its one probe was a person left untaught."""
-    if not answers:
+    if not answers or share <= 0:
         return set(), []
     by_answer: dict[str, list[str]] = defaultdict(list)
     for question, answer in answers.items():
