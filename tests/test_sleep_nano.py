@@ -254,25 +254,34 @@ def test_the_teacher_writes_questions_about_every_fact_a_session_tells(tmp_path)
         assert any(topic in question for question in lesson.prompts), lesson.prompts
 
 
-def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_tonight_says_anew(tmp_path):
+def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_a_newer_one_says_anew(tmp_path):
     from assistant.sleep import blocks
 
     paths = open_paths(tmp_path / "home")
     config = load_config(paths).with_overrides(model="nano", backend="torch")
     with open_store(paths, config) as store:
-        earlier = store.create_session(model="nano")
-        store.add_message(earlier, "user", "My sister is called Zara. My dog's name is Rex.")
-        store.add_message(earlier, "assistant", "Noted.")
-        stack = blocks.Stack(1, (blocks.Block("night1", tmp_path / "night1", (earlier,)),))
-        tonight = [lessons.Lesson(earlier + 1, lessons.knowledge_context([{"role": "user", "content": "My dog is called Max."}]),
+        told = {}
+        for said in ("My sister is called Zara. My dog's name is Rex. I live in Porto.", "My sister is called Mia."):
+            told[said] = store.create_session(model="nano")
+            store.add_message(told[said], "user", said)
+            store.add_message(told[said], "assistant", "Noted.")
+        first, second = told.values()
+        stack = blocks.Stack(2, (blocks.Block("night1", tmp_path / "night1", (first,)),
+                                 blocks.Block("night2", tmp_path / "night2", (second,))))
+        tonight = [lessons.Lesson(second + 1, lessons.knowledge_context([{"role": "user", "content": "My dog is called Max."}]),
                                   ["What is my dog's name?"])]
         trainer = open_trainer("torch", NANO_DIR)
         try:
-            rows, contrary = cycle._reteach(trainer, store, stack, tonight, set(), SleepSettings(), random.Random(0))
+            # one session re-taught: the seed draws the first night's
+            rows, contrary = cycle._reteach(trainer, store, stack, tonight, set(), SleepSettings(reteach_sessions=1),
+                                            random.Random(1))
         finally:
             trainer.close()
     assert rows and {row.kind for row in rows} == {"replay"}
-    assert {row.answer for row in rows} == {"Your sister is called Zara."}  # Rex is superseded by Max
-    assert all("Zara" in row.teacher_prompt and "Zara" not in row.student_prompt for row in rows)
+    assert all("Zara" in row.teacher_prompt and "Mia" not in row.teacher_prompt for row in rows)
+    answers = {row.answer for row in rows}
+    assert "You live in Porto." in answers
+    assert not any("Zara" in answer for answer in answers)  # the second night's Mia supersedes her
+    assert "Your dog is called Rex." not in answers  # and tonight's Max him
+    assert all("Zara" not in row.student_prompt for row in rows)
     assert contrary and {row.kind for row in contrary} == {"anchor"}
-    assert all("Zara" not in row.student_prompt and "Zara" not in row.answer for row in contrary)

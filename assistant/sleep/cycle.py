@@ -433,17 +433,27 @@ def _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng) -
     first night's held-out phrasings while the gate's retention (mostly replayed prompts) said
     97-100%. So up to ``settings.reteach_sessions`` of the stack's sessions are read again: the
     teacher (the live stack, the session in context) writes and answers new questions about
-    each, as for tonight's, less those tonight's sessions supersede or ask. Their answers are
-    trained into memory as tonight's are, so they get contrary anchors too, or reading pays for
-    them."""
+    each, as for tonight's, less those tonight asks, and those a newer session (a later night's,
+    or tonight's) supersedes: bAbI's names move from night to night, and a re-read first night
+    must not put Mary back in the kitchen. Their answers are trained into memory as tonight's
+    are, so they get contrary anchors too, or reading pays for them."""
     tonight = {lesson.session_id for lesson in new_lessons}
-    older_ids = sorted({sid for block in stack.blocks for sid in block.sessions} - tonight)
-    if not settings.reteach_sessions or not older_ids:
+    night_of = {sid: night for night, block in enumerate(stack.blocks) for sid in block.sessions if sid not in tonight}
+    if not settings.reteach_sessions or not night_of:
         return [], []
-    chosen = rng.sample(older_ids, min(len(older_ids), settings.reteach_sessions))
+    chosen = sorted(rng.sample(sorted(night_of), min(len(night_of), settings.reteach_sessions)),
+                    key=lambda sid: (night_of[sid], sid))  # oldest first: a later answer wins (``_teach``)
     old_lessons = [lesson for sid in chosen for lesson in _lessons(trainer, store, sid, settings, rng)]
     taught, _ = _teach(trainer, old_lessons, replace(settings, probe_share=0.0), rng)
-    stale = supersede.superseded(trainer, [(row.question, row.answer) for row in taught], new_lessons)
+    first = min(night_of[sid] for sid in chosen)
+    later = {sid: _lessons(trainer, store, sid, settings, rng, questions=False)
+             for sid, night in night_of.items() if night > first}
+    owner = {question: lesson.session_id for lesson in old_lessons for question in lesson.prompts}
+    stale = set()
+    for sid in chosen:
+        newer = [lesson for other, night in night_of.items() if night > night_of[sid] for lesson in later[other]]
+        stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in taught if owner[row.question] == sid],
+                                      newer + new_lessons)
     taught = [row for row in taught if row.question not in stale and row.student_prompt not in asked_tonight]
     contrary = _contrary(trainer, old_lessons, _taught(taught), settings.reteach_contrary, rng)
     return [replace(row, kind="replay") for row in taught], contrary

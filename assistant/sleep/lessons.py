@@ -127,7 +127,7 @@ def statement_contexts(messages: Sequence[dict]) -> list[list[dict]]:
 
 def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple[set[str], list[str]]:
     """The gate's probes among ``answers`` (question -> the teacher's answer), about ``share`` of
-    them (one at least): ``(held, lone)``. ``held`` leave training: questions whose answer another
+    them (one at least, unless ``share`` is 0): ``(held, lone)``. ``held`` leave training: questions whose answer another
     question also gets (one question per answer stays in training). When there are too few of
     those, ``lone`` questions (no other question gets their answer) fill the share: they stay in
     training, and the gate asks them in a framing their training did not use.
