@@ -45,8 +45,9 @@ class SleepSettings:
     probe_share: float = 0.3  # of the teacher's questions, held out from training for the gate (``lessons.hold_out``)
     framings: int = 2  # each taught question is also asked in this many ``lessons.FRAMINGS``
     question_samples: int = 3  # sampled question lists per session, besides the greedy one
-    # Generic rows that pin the model's everyday behaviour. Few anchors are learnt one by one rather
-    # than as reading: bench night 1 (sleep seed 1234, questions about each sentence told), the
+    # Generic rows that pin the model's everyday behaviour. Few anchors seem to be learnt one by one
+    # rather than as reading (48, with the contrary ones, are each drawn about 7 times a night; 288
+    # about twice): bench night 1 (sleep seed 1234, questions about each sentence told), the
     # 360-step block read 95.4%, 95.4% and 96.8% at 0.7 of its change with 48, 144 and 288 (97.9%
     # before), and 97.5-95.4% over every candidate with 288. The gate's pick held 0% (none
     # passed), 72% and 82% of the night's 67 held-out phrasings. Their answers take seconds.
