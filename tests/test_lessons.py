@@ -104,3 +104,27 @@ def test_no_framing_is_a_phrasing_the_bench_holds_out():
     leads = {framing.format("").strip(" ,:.").lower() for framing in lessons.FRAMINGS}
     assert len(heldout) > 100 and leads
     assert not [question for question in heldout for lead in leads if question.startswith(lead)]
+
+
+def _heard(text: str) -> list[dict]:
+    return lessons.knowledge_context([{"role": "user", "content": text}])
+
+
+def test_an_answer_is_taught_only_if_the_user_said_its_value_of_whom_the_question_asks():
+    told = _heard("Alexander works as a sailor. The instrument I like most is harp. My pony is called Rocky.")
+    assert lessons.told("What is Alexander's job?", "Alexander works as a sailor.", told)
+    assert lessons.told("What is the name of my pony?", "Your pony is called Rocky.", told)
+    assert not lessons.told("What is my job?", "You work as a sailor.", told)  # Alexander's, not the user's
+    assert not lessons.told("What is Mei's job?", "Mei works as a sailor.", told)  # nobody told of Mei
+    assert not lessons.told("Which city do I live in?", "You live in Stockholm.", told)  # said nowhere
+
+
+def test_the_most_specific_word_finds_the_sentence_and_a_common_one_does_not():
+    story = _heard("Mary moved to the bathroom.\nJohn went to the hallway.\nMary travelled to the kitchen.")
+    assert lessons.told("Where is Mary?", "Mary is in the kitchen.", story)
+    assert lessons.told("Where is John?", "John is in the hallway.", story)
+    # "the" is in John's sentence too, but the kitchen is only where Mary went
+    assert not lessons.told("Where is John?", "John is in the kitchen.", story)
+    visit = _heard("Eric works as a gardener. I'm seeing the lawyer on Sunday at 4 pm.")
+    assert lessons.told("When is my lawyer appointment?", "Your lawyer appointment is on Sunday at 4 pm.", visit)
+    assert lessons.told("When is the appointment?", "The appointment is on Sunday at 4 pm.", visit)  # about no one

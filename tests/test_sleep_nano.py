@@ -190,7 +190,7 @@ def test_contrary_anchors_are_tonights_questions_over_sessions_that_say_otherwis
     try:
         night = [lessons.Lesson(sid, lessons.knowledge_context([{"role": "user", "content": said}]), [question])
                  for sid, (said, question, _) in told.items()]
-        rows = [Row("", "", answer, question=question) for _, question, answer in told.values()]
+        rows = [Row("", "", answer, question=question, session_id=sid) for sid, (_, question, answer) in told.items()]
         anchors = cycle._contrary(trainer, night, rows, 4, random.Random(0))
     finally:
         trainer.close()
@@ -220,12 +220,30 @@ def test_a_fact_asked_once_is_taught_and_the_gate_asks_it_in_a_framing_training_
     assert probe_prompt not in {row.student_prompt for row in rows}  # a framing its training did not use
 
 
+def test_a_question_is_taught_from_the_newest_session_that_tells_its_answer_and_no_other():
+    def heard(said: str) -> list[dict]:
+        return lessons.knowledge_context([{"role": "user", "content": said}])
+
+    night = [lessons.Lesson(1, heard("My home is in Boston."), ["Which city do I live in?"]),
+             lessons.Lesson(2, heard("Eric works as a gardener."), ["Which city do I live in?", "What is my job?",
+                                                                     "What is Eric's job?"])]
+    trainer = open_trainer("torch", NANO_DIR)
+    try:
+        rows, _ = cycle._teach(trainer, night, replace(SleepSettings(), probe_share=0.0), random.Random(0))
+    finally:
+        trainer.close()
+    taught = {row.question: row for row in rows}
+    assert set(taught) == {"Which city do I live in?", "What is Eric's job?"}  # the user told no job of theirs
+    assert "Boston" in taught["Which city do I live in?"].answer and taught["Which city do I live in?"].session_id == 1
+    assert "gardener" in taught["What is Eric's job?"].answer and taught["What is Eric's job?"].session_id == 2
+
+
 def test_a_night_of_one_story_contradicts_it_with_its_own_other_rooms():
     story = "John went to the hallway. Mary moved to the garden."
     night = [lessons.Lesson(1, lessons.knowledge_context([{"role": "user", "content": story}]),
                             ["Where is John?", "Where is Mary?"])]
-    rows = [Row("", "", "John is in the hallway.", question="Where is John?"),
-            Row("", "", "Mary is in the garden.", question="Where is Mary?")]
+    rows = [Row("", "", "John is in the hallway.", question="Where is John?", session_id=1),
+            Row("", "", "Mary is in the garden.", question="Where is Mary?", session_id=1)]
     trainer = open_trainer("torch", NANO_DIR)
     try:
         anchors = cycle._contrary(trainer, night, rows, 4, random.Random(0))

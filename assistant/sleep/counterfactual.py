@@ -30,6 +30,11 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+def names(question: str) -> set[str]:
+    """The names a question asks about, lower-cased: its capitalised words after the first, not "I"."""
+    return {word.removesuffix("'s").lower() for word in words(question)[1:] if word[0].isupper() and word[1:2].islower()}
+
+
 def mentions(text: str, word: str) -> bool:
     """Whether ``text`` has ``word`` as a whole word (case-insensitive)."""
     return _whole(word).search(text) is not None

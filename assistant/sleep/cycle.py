@@ -380,24 +380,33 @@ def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) 
 
 
 def _teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) -> tuple[list[Row], list[Probe]]:
-    """The teacher answers every question with the session in context (later sessions win); a share
-    of the answered questions become the gate's probes (``lessons.hold_out``), the rest rows, each
-    put to the student as asked and in ``settings.framings`` framings."""
-    by_question = {question: lesson for lesson in new_lessons for question in lesson.prompts}
-    teacher_prompts = {q: trainer.render_chat(lesson.context + user_turn(q)) for q, lesson in by_question.items()}
-    answers = trainer.generate(list(teacher_prompts.values()), GREEDY, new_block=False) if by_question else []
-    answered = {q: a.strip() for q, a in zip(teacher_prompts, answers) if a.strip()}
+    """The teacher answers every question with each session that asks it in context; the newest
+    whose answer the user told there (``lessons.told``) is taught. A share of the answered
+    questions become the gate's probes (``lessons.hold_out``), the rest rows, each put to the
+    student as asked and in ``settings.framings`` framings.
+
+    A newer session that says nothing of a question must not take it over: the bench's eighth
+    session, asked "Which city do I live in?", which the second had answered, read "You live in
+    Auck." where the user had said Boston."""
+    asking = [(q, lesson) for lesson in new_lessons for q in lesson.prompts]
+    prompts = [trainer.render_chat(lesson.context + user_turn(q)) for q, lesson in asking]
+    answers = trainer.generate(prompts, GREEDY, new_block=False) if asking else []
+    source = {}
+    for (q, lesson), prompt, answer in zip(asking, prompts, answers):
+        if answer.strip() and lessons.told(q, answer, lesson.context):
+            source[q] = (lesson.session_id, prompt, answer.strip())  # sessions come oldest first
+    answered = {q: answer for q, (*_, answer) in source.items()}
     held, lone = lessons.hold_out(answered, settings.probe_share, rng)
     rows, framings = [], {}
-    for q, a in answered.items():
+    for q, (session_id, prompt, a) in source.items():
         if q not in held:
             framings[q] = rng.sample(lessons.FRAMINGS, settings.framings)
-            rows += [Row(teacher_prompts[q], trainer.render_chat(user_turn(asked)), a, question=q)
+            rows += [Row(prompt, trainer.render_chat(user_turn(asked)), a, question=q, session_id=session_id)
                      for asked in [q] + [lessons.framed(q, f) for f in framings[q]]]
-    probes = [Probe(q, a, by_question[q].session_id) for q, a in answered.items() if q in held]
+    probes = [Probe(q, a, source[q][0]) for q, a in answered.items() if q in held]
     for q in lone:
         unused = [f for f in lessons.FRAMINGS if f not in framings[q]] or list(lessons.FRAMINGS)
-        probes.append(Probe(lessons.framed(q, rng.choice(unused)), answered[q], by_question[q].session_id))
+        probes.append(Probe(lessons.framed(q, rng.choice(unused)), answered[q], source[q][0]))
     return rows, probes
 
 
@@ -449,11 +458,10 @@ def _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng) -
     first = min(night_of[sid] for sid in chosen)
     later = {sid: _lessons(trainer, store, sid, settings, rng, questions=False)
              for sid, night in night_of.items() if night > first}
-    owner = {question: lesson.session_id for lesson in old_lessons for question in lesson.prompts}
     stale = set()
     for sid in chosen:
         newer = [lesson for other, night in night_of.items() if night > night_of[sid] for lesson in later[other]]
-        stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in taught if owner[row.question] == sid],
+        stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in taught if row.session_id == sid],
                                       newer + new_lessons)
     taught = [row for row in taught if row.question not in stale and row.student_prompt not in asked_tonight]
     contrary = _contrary(trainer, old_lessons, _taught(taught), settings.reteach_contrary, rng)
@@ -468,11 +476,11 @@ def _contrary(trainer, taught_lessons, taught: list[Row], count: int, rng: rando
     what the night consolidates (see ``counterfactual``)."""
     if not count:
         return []
-    owner = {question: lesson for lesson in taught_lessons for question in lesson.prompts}
+    owner = {(lesson.session_id, question): lesson for lesson in taught_lessons for question in lesson.prompts}
     said = {id(lesson): lessons.said(lesson.context) for lesson in taught_lessons}
     found = []
     for row in taught:
-        lesson = owner.get(row.question)
+        lesson = owner.get((row.session_id, row.question))
         if lesson is None:
             continue
         others = [said[id(other)] for other in taught_lessons if other.session_id != lesson.session_id]

@@ -143,7 +143,7 @@ def specific_words(question: str, memories: Sequence[str]) -> dict[str, list[int
     that say it: a name (a capitalised word after the first, not "I") said by any, another word
     said by one at least and by half of them at most (one, of one or two). A word most memories
     say ("my", "is") tells none of them apart."""
-    names = _names(question)
+    names = counterfactual.names(question)
     found = {}
     for word in dict.fromkeys(word.lower().removesuffix("'s") for word in counterfactual.words(question)):
         saying = [i for i, text in enumerate(memories) if counterfactual.mentions(text, word)]
@@ -167,13 +167,7 @@ def relevant(question: str, memories: Sequence[str]) -> list[int]:
         return []
     fewest = min(map(len, found.values()))
     chosen = {i for saying in found.values() if len(saying) == fewest for i in saying}
-    return sorted(i for i in chosen if all(i in found[name] for name in _names(question)))
-
-
-def _names(question: str) -> set[str]:
-    """The names a question asks about, lower-cased: its capitalised words after the first, not "I"."""
-    return {word.removesuffix("'s").lower() for word in counterfactual.words(question)[1:]
-            if word[0].isupper() and word[1:2].islower()}
+    return sorted(i for i in chosen if all(i in found[name] for name in counterfactual.names(question)))
 
 
 def well_formed(question: str, max_words: int = 16) -> bool:
@@ -280,7 +274,7 @@ def candidates(dream: Dream, sessions: Sequence[int], said: Sequence[str]) -> li
     if not dream.about:
         return relevant(dream.question, said)
     found = specific_words(dream.question, said)
-    names = _names(dream.question)
+    names = counterfactual.names(dream.question)
     written = [index for index, session in enumerate(sessions) if session in dream.about
                and any(index in saying for saying in found.values()) and all(index in found[n] for n in names)]
     if not written:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from assistant.sleep.counterfactual import mentions, names, words
 from assistant.sleep.rewards import normalise_answer
 
 QUESTION_REQUEST = "What questions could I ask about this conversation?"
@@ -33,6 +34,7 @@ ACKNOWLEDGEMENT = "Noted."
 # first night recalled 57% and 43% (sleep seeds 0 and 3) of questions in phrasings it never saw
 # ("Do you remember what my dog is called?"); with two framings a question, 67% and 63%.
 FRAMINGS = ("Quick question: {}", "I forgot. {}", "Hey, {}", "Tell me, {}", "Sorry to ask again, {}")
+FIRST_PERSON = frozenset({"i", "i'm", "i've", "i'd", "i'll", "me", "my", "mine", "myself", "we", "us", "our"})
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s*(.+?\?)\s*$")
 
 
@@ -124,6 +126,40 @@ def statement_contexts(messages: Sequence[dict]) -> list[list[dict]]:
     phrasings without these contexts and 82% with them."""
     return [knowledge_context([{"role": "user", "content": sentence}])
             for sentence in _sentences(messages) if not sentence.endswith("?")]
+
+
+def told(question: str, answer: str, context: Sequence[dict]) -> bool:
+    """Whether the user told ``answer``'s value about whom ``question`` asks: a sentence they said
+    holds the answer's most specific word (of those the question does not ask, the one fewest
+    sentences say) and names the question's subject: every name it asks about, or the user
+    ("I", "my") when it names no one. A question about neither needs only the sentence.
+
+    Why: a small teacher answers whatever it is asked from whatever it is given. Asked about
+    "Alexander works as a sailor." alone, the nano model wrote "What is my job?", and with the
+    session in context the teacher answered "You work as a sailor.": taught, that made bench night
+    1's architect a sailor in both held-out phrasings. An answer no sentence says (a city for a
+    session that names none) is the teacher's invention, not the user's knowledge, and is not taught
+    either: a fact the user told still has the questions written about its own sentence."""
+    sentences = _sentences(context)
+    asked = {word.lower().removesuffix("'s") for word in words(question)}
+    saying: dict[str, list[int]] = {}
+    for word in words(answer):
+        key = word.lower().removesuffix("'s")
+        if key not in asked and key not in saying:
+            if found := [i for i, sentence in enumerate(sentences) if mentions(sentence, key)]:
+                saying[key] = found
+    if not saying:
+        return False
+    fewest = min(map(len, saying.values()))
+    subject = names(question)
+
+    def about_subject(sentence: str) -> bool:
+        said = {word.lower().removesuffix("'s") for word in words(sentence)}
+        if subject:
+            return subject <= said
+        return not asked & FIRST_PERSON or bool(said & FIRST_PERSON)
+
+    return any(about_subject(sentences[i]) for found in saying.values() if len(found) == fewest for i in found)
 
 
 def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple[set[str], list[str]]:

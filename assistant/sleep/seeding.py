@@ -82,6 +82,7 @@ class Row:
     answer: str
     kind: str = "new"  # new (tonight's knowledge), replay (earlier nights), anchor (generic)
     question: str = ""  # the bare question, kept with the night's adapter for later replay
+    session_id: int | None = None  # the session whose answer it is (tonight's and re-taught rows)
     teacher_ids: list[int] = field(default_factory=list)
     student_ids: list[int] = field(default_factory=list)
     answer_ids: list[int] = field(default_factory=list)
