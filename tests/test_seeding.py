@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from assistant.sleep import losses, seeding
-from assistant.sleep.gate import Probe, sureness
 from assistant.sleep.seeding import Row, SeedingSettings
 from backends.base import LoraSpec
 from backends.torch_trainer import TorchBlockTrainer
@@ -82,24 +81,4 @@ def test_a_seeding_step_takes_the_papers_objective_with_each_term_on_its_own_row
         wanted = expected(with_group)
         loss = seeding.seeding_step(trainer, rows, group if with_group else None, settings, random.Random(0), marker)
         assert loss == pytest.approx(wanted, rel=1e-4)
-    trainer.close()
-
-
-def test_a_block_taught_a_reference_gives_it_more_surely_and_its_zero_start_as_surely(tiny_model_dir):
-    """The gate's sureness (the tie-break between candidates that recall alike) reads the new
-    block: equal to the frozen model's before any step, higher once the block learnt the answer."""
-    trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu")
-    probes = [Probe("Where do I live?", "You live in Quito."), Probe("What is my dog called?", "Rex.")]
-    before = sureness(trainer, probes, new_block=False)
-    assert sureness(trainer, probes, new_block=True) == pytest.approx(before, rel=1e-6)
-    rows = [Row(trainer.render_chat([{"role": "user", "content": p.question}]), "", p.reference) for p in probes]
-    seeding.prepare(trainer, rows, seeding.end_of_turn(trainer))
-
-    def negative_log_likelihood(logits, targets, mask):
-        return -(losses.completion_logprobs(trainer.ops, logits, targets) * mask).sum() / mask.sum()
-
-    for _ in range(10):
-        trainer.train_step([r.teacher_ids for r in rows], [r.answer_ids for r in rows], negative_log_likelihood)
-    assert sureness(trainer, probes, new_block=True) > 10 * before
-    assert sureness(trainer, probes, new_block=False) == pytest.approx(before, rel=1e-6)
     trainer.close()

@@ -83,7 +83,7 @@ def test_the_gate_rejects_an_adapter_that_does_harm():
     assert verdict.in_context_after < verdict.in_context_before
 
 
-def test_the_gate_reads_only_candidates_that_could_go_live_the_most_recalling_first():
+def test_the_gate_reads_only_candidates_that_could_go_live_the_largest_change_first():
     trainer = open_trainer("torch", NANO_DIR, lr=5e-3)
     try:
         untrained = trainer.new_block_state()
@@ -105,9 +105,10 @@ def test_the_gate_reads_only_candidates_that_could_go_live_the_most_recalling_fi
         trainer.close()
     assert [(c["steps"], c["scale"]) for c in judged] == [(10, 0.5), (10, 1.0), (40, 0.5), (40, 1.0)]
     assert [c["recall"] for c in judged[:2]] == [0.0, 0.0] and judged[3]["recall"] == 1.0
-    ranked = sorted(judged, key=lambda c: (-c["recall"], -c["sureness"]))  # the most recalling, then the surest
-    read = [c for c in ranked if c["in_context"] is not None]  # in the order they were read
-    assert read == ranked[:len(read)] and all(c["recall"] == 1.0 for c in read)  # nothing new recalled: never read
+    hopeful = sorted((c for c in judged if c["recall"] > 0), key=lambda c: (-c["steps"] * c["scale"], -c["steps"]))
+    read = [c for c in hopeful if c["in_context"] is not None]  # in the order they were read
+    assert all(c in hopeful for c in judged if c["in_context"] is not None)  # nothing new recalled: never read
+    assert read == hopeful[:len(read)] and (read[0]["steps"], read[0]["scale"]) == (40, 1.0)  # the largest first
     passed = [c for c in read if c["promote"]]
     assert passed == read[-1:] or not passed and len(read) == 2  # reading stops at the first that passes
     chosen = [c for c in judged if c["chosen"]]

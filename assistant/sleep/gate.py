@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from assistant.nano import evaluate
-from assistant.sleep import seeding
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.rewards import normalise_answer
 from backends.base import BlockTrainer, Sampling
@@ -94,23 +93,6 @@ def hits(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> 
         return ()
     answers = trainer.generate(alone(trainer, probes), GREEDY, new_block=new_block)
     return tuple(matches(a, p.reference) for a, p in zip(answers, probes))
-
-
-def sureness(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> float:
-    """How surely the model gives the probes' references with no session in context: the mean
-    over probes of the geometric mean of the reference's token probabilities.
-
-    Why: the gate's probes are few and a night's candidates often all answer every one of them,
-    while they differ on phrasings no probe asks; sureness does not saturate, and orders them.
-    On the bench's first night (sleep seeds 0, 1, 2) it moved the gate from 240 steps at 0.7 of
-    the block to 360 at 0.7 and 240 at 0.85 on two of them (no tie on the third): recall of all 67
-    held-out phrasings 73 -> 84% and 75 -> 79%, reading within the same 2 points."""
-    if not probes:
-        return 0.0
-    prompts = [trainer.encode(prompt) for prompt in alone(trainer, probes)]
-    sure = seeding.mean_token_probability(trainer, prompts, [p.reference for p in probes],
-                                          seeding.end_of_turn(trainer), new_block=new_block)
-    return sum(sure) / len(sure)
 
 
 def recall(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> float:
