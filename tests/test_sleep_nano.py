@@ -292,8 +292,11 @@ def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_a_newer_
         trainer = open_trainer("torch", NANO_DIR)
         try:
             # one session re-taught: the seed draws the first night's
-            rows, contrary = cycle._reteach(trainer, store, stack, tonight, set(), SleepSettings(reteach_sessions=1),
-                                            random.Random(1))
+            rows, contrary = cycle._reteach(trainer, store, stack, tonight, set(), set(),
+                                            SleepSettings(reteach_sessions=1), random.Random(1))
+            probe = min(row.question for row in rows if row.answer == "You live in Porto.")  # an earlier night's probe
+            unprobed, _ = cycle._reteach(trainer, store, stack, tonight, set(), {probe},
+                                         SleepSettings(reteach_sessions=1), random.Random(1))
         finally:
             trainer.close()
     assert rows and {row.kind for row in rows} == {"replay"}
@@ -304,3 +307,4 @@ def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_a_newer_
     assert "Your dog is called Rex." not in answers  # and tonight's Max him
     assert all("Zara" not in row.student_prompt for row in rows)
     assert contrary and {row.kind for row in contrary} == {"anchor"}
+    assert unprobed == [row for row in rows if row.question != probe]  # the gate's question is not taught

@@ -171,7 +171,8 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
     if stack.blocks:
         progress("questions", 0.09, "asking afresh about earlier sessions")
-    retaught, retaught_contrary = _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng)
+    retaught, retaught_contrary = _reteach(trainer, store, stack, new_lessons, asked_tonight,
+                                           {p.question for p in old_probes}, settings, rng)
     rows += retaught
     anchors = (_anchors(trainer, settings) + _contrary(trainer, new_lessons, _taught(rows), settings.contrary_anchors, rng)
                + retaught_contrary)
@@ -443,9 +444,11 @@ def _anchors(trainer, settings) -> list[Row]:
     return [Row(p, p, a.strip(), kind="anchor") for p, a in zip(prompts, answers) if a.strip()]
 
 
-def _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng) -> tuple[list[Row], list[Row]]:
+def _reteach(trainer, store, stack, new_lessons, asked_tonight, held_out, settings, rng) -> tuple[list[Row], list[Row]]:
     """Earlier nights' sessions taught again, in fresh questions: replay rows, and contrary anchors
-    over them (see ``_contrary``).
+    over them (see ``_contrary``). None asks one of the earlier nights' probes (``held_out``):
+    the teacher writes much the same questions about a session every night, and re-teaching them
+    would teach the gate's retention probes, which then could not see old knowledge fade.
 
     Replaying only the prompts a session was first taught in holds those wordings and little
     else: on the bench's second generated night, every candidate block lost 10-20 points of the
@@ -472,7 +475,9 @@ def _reteach(trainer, store, stack, new_lessons, asked_tonight, settings, rng) -
         newer = [lesson for other, night in night_of.items() if night > night_of[sid] for lesson in later[other]]
         stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in taught if row.session_id == sid],
                                       newer + new_lessons)
-    taught = [row for row in taught if row.question not in stale and row.student_prompt not in asked_tonight]
+    probed = {trainer.render_chat(user_turn(question)) for question in held_out}
+    taught = [row for row in taught if row.question not in stale | held_out
+              and row.student_prompt not in asked_tonight | probed]
     contrary = _contrary(trainer, old_lessons, _taught(taught), settings.reteach_contrary, rng)
     return [replace(row, kind="replay") for row in taught], contrary
 
