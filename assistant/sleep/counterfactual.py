@@ -30,9 +30,14 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+def folded(word: str) -> str:
+    """A word as words are compared: lower-cased, a possessive folded ("Zara's" -> "zara")."""
+    return word.lower().removesuffix("'s")
+
+
 def names(question: str) -> set[str]:
-    """The names a question asks about, lower-cased: its capitalised words after the first, not "I"."""
-    return {word.removesuffix("'s").lower() for word in words(question)[1:] if word[0].isupper() and word[1:2].islower()}
+    """The names a question asks about, folded: its capitalised words after the first, not "I"."""
+    return {folded(word) for word in words(question)[1:] if word[0].isupper() and word[1:2].islower()}
 
 
 def mentions(text: str, word: str) -> bool:
@@ -43,7 +48,7 @@ def mentions(text: str, word: str) -> bool:
 def values(answer: str, question: str, session: str, others: Sequence[str]) -> list[str]:
     """The words of ``answer`` that carry its value: said in its ``session``, not asked in the
     ``question``, and said in none of the ``others`` (so not "called", "lives" or "the")."""
-    asked = {w.lower().removesuffix("'s") for w in words(question)}
+    asked = {folded(w) for w in words(question)}
     found: list[str] = []
     for word in words(answer):
         if (word.lower() not in asked and word not in found and mentions(session, word)

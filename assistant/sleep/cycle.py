@@ -271,11 +271,10 @@ class Gate:
     """The night's judge: one measure of the pre-sleep model, then each candidate block against it.
 
     Candidates that could go live are read, the largest change first, and the first that passes
-    goes forward; a dreamt block must recall
-    strictly more than the consolidated one it grew from (``better``) to go live instead. The
-    in-context check that picks a candidate also judges it, which favours a lucky one by about
-    the measure's noise (``choose`` keeps that to the few candidates it reads); the bench's
-    in-context drop, on other sessions, is the unbiased check."""
+    goes forward; a dreamt block must recall strictly more than the consolidated one it grew from
+    (``better``) to go live instead. The in-context check that picks a candidate also judges it,
+    which favours a lucky one by about the measure's noise (``choose`` keeps that to the few
+    candidates it reads); the bench's in-context drop, on other sessions, is the unbiased check."""
 
     def __init__(self, trainer: BlockTrainer, probes: list[Probe], remembered: list[Probe],
                  settings: GateSettings, reading_base: dict | None = None, known: Sequence[str] = ()):
@@ -475,9 +474,9 @@ def _reteach(trainer, store, stack, new_lessons, asked_tonight, held_out, settin
         newer = [lesson for other, night in night_of.items() if night > night_of[sid] for lesson in later[other]]
         stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in taught if row.session_id == sid],
                                       newer + new_lessons)
-    probed = {trainer.render_chat(user_turn(question)) for question in held_out}
-    taught = [row for row in taught if row.question not in stale | held_out
-              and row.student_prompt not in asked_tonight | probed]
+    left_out = stale | held_out
+    unasked = asked_tonight | {trainer.render_chat(user_turn(question)) for question in held_out}
+    taught = [row for row in taught if row.question not in left_out and row.student_prompt not in unasked]
     contrary = _contrary(trainer, old_lessons, _taught(taught), settings.reteach_contrary, rng)
     return [replace(row, kind="replay") for row in taught], contrary
 

@@ -145,7 +145,7 @@ def specific_words(question: str, memories: Sequence[str]) -> dict[str, list[int
     say ("my", "is") tells none of them apart."""
     names = counterfactual.names(question)
     found = {}
-    for word in dict.fromkeys(word.lower().removesuffix("'s") for word in counterfactual.words(question)):
+    for word in dict.fromkeys(map(counterfactual.folded, counterfactual.words(question))):
         saying = [i for i, text in enumerate(memories) if counterfactual.mentions(text, word)]
         if saying and (word in names or len(saying) <= max(1, len(memories) // 2)):
             found[word] = saying

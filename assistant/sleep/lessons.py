@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from assistant.sleep.counterfactual import mentions, names, words
+from assistant.sleep.counterfactual import folded, mentions, names, words
 from assistant.sleep.rewards import normalise_answer
 
 QUESTION_REQUEST = "What questions could I ask about this conversation?"
@@ -34,7 +34,7 @@ ACKNOWLEDGEMENT = "Noted."
 # first night recalled 57% and 43% (sleep seeds 0 and 3) of questions in phrasings it never saw
 # ("Do you remember what my dog is called?"); with two framings a question, 67% and 63%.
 FRAMINGS = ("Quick question: {}", "I forgot. {}", "Hey, {}", "Tell me, {}", "Sorry to ask again, {}")
-FIRST_PERSON = frozenset({"i", "i'm", "i've", "i'd", "i'll", "me", "my", "mine", "myself", "we", "us", "our"})
+_FIRST_PERSON = frozenset({"i", "i'm", "i've", "i'd", "i'll", "me", "my", "mine", "myself", "we", "us", "our"})
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s*(.+?\?)\s*$")
 
 
@@ -141,10 +141,10 @@ def told(question: str, answer: str, context: Sequence[dict]) -> bool:
     session that names none) is the teacher's invention, not the user's knowledge, and is not taught
     either: a fact the user told still has the questions written about its own sentence."""
     sentences = _sentences(context)
-    asked = {word.lower().removesuffix("'s") for word in words(question)}
+    asked = {folded(word) for word in words(question)}
     saying: dict[str, list[int]] = {}
     for word in words(answer):
-        key = word.lower().removesuffix("'s")
+        key = folded(word)
         if key not in asked and key not in saying:
             if found := [i for i, sentence in enumerate(sentences) if mentions(sentence, key)]:
                 saying[key] = found
@@ -154,10 +154,10 @@ def told(question: str, answer: str, context: Sequence[dict]) -> bool:
     subject = names(question)
 
     def about_subject(sentence: str) -> bool:
-        said = {word.lower().removesuffix("'s") for word in words(sentence)}
+        said = {folded(word) for word in words(sentence)}
         if subject:
             return subject <= said
-        return not asked & FIRST_PERSON or bool(said & FIRST_PERSON)
+        return not asked & _FIRST_PERSON or bool(said & _FIRST_PERSON)
 
     return any(about_subject(sentences[i]) for found in saying.values() if len(found) == fewest for i in found)
 

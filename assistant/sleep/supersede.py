@@ -37,7 +37,7 @@ _FUNCTION_WORDS = frozenset("""
 
 def topic_words(text: str) -> set[str]:
     """The words of ``text`` that carry its topic, lower-cased, possessives folded ("sister's")."""
-    return {word.lower().removesuffix("'s") for word in counterfactual.words(text)} - _FUNCTION_WORDS
+    return set(map(counterfactual.folded, counterfactual.words(text))) - _FUNCTION_WORDS
 
 
 def related(question: str, sessions: Sequence[str]) -> list[int]:
