@@ -117,6 +117,9 @@ def test_an_answer_is_taught_only_if_the_user_said_its_value_of_whom_the_questio
     assert not lessons.told("What is my job?", "You work as a sailor.", told)  # Alexander's, not the user's
     assert not lessons.told("What is Mei's job?", "Mei works as a sailor.", told)  # nobody told of Mei
     assert not lessons.told("Which city do I live in?", "You live in Stockholm.", told)  # said nowhere
+    locker = _heard("My locker number is 42.")
+    assert lessons.told("What is my locker number?", "Your locker number is 42.", locker)  # a number is a value
+    assert not lessons.told("What is my locker number?", "Your locker number is 17.", locker)
 
 
 def test_the_most_specific_word_finds_the_sentence_and_a_common_one_does_not():

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from assistant.sleep.counterfactual import folded, mentions, names, words
+from assistant.sleep.counterfactual import folded, mentions, names
 from assistant.sleep.rewards import normalise_answer
 
 QUESTION_REQUEST = "What questions could I ask about this conversation?"
@@ -35,6 +35,7 @@ ACKNOWLEDGEMENT = "Noted."
 # ("Do you remember what my dog is called?"); with two framings a question, 67% and 63%.
 FRAMINGS = ("Quick question: {}", "I forgot. {}", "Hey, {}", "Tell me, {}", "Sorry to ask again, {}")
 _FIRST_PERSON = frozenset({"i", "i'm", "i've", "i'd", "i'll", "me", "my", "mine", "myself", "we", "us", "our"})
+_TOKEN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9'-]*[A-Za-z0-9])?")  # a word or a number ("42", "Zara's")
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s*(.+?\?)\s*$")
 
 
@@ -141,9 +142,9 @@ def told(question: str, answer: str, context: Sequence[dict]) -> bool:
     session that names none) is the teacher's invention, not the user's knowledge, and is not taught
     either: a fact the user told still has the questions written about its own sentence."""
     sentences = _sentences(context)
-    asked = {folded(word) for word in words(question)}
+    asked = {folded(word) for word in _TOKEN.findall(question)}
     saying: dict[str, list[int]] = {}
-    for word in words(answer):
+    for word in _TOKEN.findall(answer):
         key = folded(word)
         if key not in asked and key not in saying:
             if found := [i for i, sentence in enumerate(sentences) if mentions(sentence, key)]:
@@ -154,7 +155,7 @@ def told(question: str, answer: str, context: Sequence[dict]) -> bool:
     subject = names(question)
 
     def about_subject(sentence: str) -> bool:
-        said = {folded(word) for word in words(sentence)}
+        said = {folded(word) for word in _TOKEN.findall(sentence)}
         if subject:
             return subject <= said
         return not asked & _FIRST_PERSON or bool(said & _FIRST_PERSON)
