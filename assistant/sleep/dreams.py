@@ -167,7 +167,8 @@ def relevant(question: str, memories: Sequence[str]) -> list[int]:
         return []
     fewest = min(map(len, found.values()))
     chosen = {i for saying in found.values() if len(saying) == fewest for i in saying}
-    return sorted(i for i in chosen if all(i in found[name] for name in counterfactual.names(question)))
+    names = counterfactual.names(question)
+    return sorted(i for i in chosen if all(i in found[name] for name in names))
 
 
 def well_formed(question: str, max_words: int = 16) -> bool:
