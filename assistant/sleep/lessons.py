@@ -35,6 +35,7 @@ ACKNOWLEDGEMENT = "Noted."
 # ("Do you remember what my dog is called?"); with two framings a question, 67% and 63%.
 FRAMINGS = ("Quick question: {}", "I forgot. {}", "Hey, {}", "Tell me, {}", "Sorry to ask again, {}")
 _FIRST_PERSON = frozenset({"i", "i'm", "i've", "i'd", "i'll", "me", "my", "mine", "myself", "we", "us", "our"})
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _TOKEN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9'-]*[A-Za-z0-9])?")  # a word or a number ("42", "Zara's")
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s*(.+?\?)\s*$")
 
@@ -99,14 +100,18 @@ def parse_questions(text: str) -> list[str]:
     return list(seen)
 
 
+def sentences(text: str) -> list[str]:
+    """``text`` cut after each full stop, question or exclamation mark and at each line break."""
+    return [sentence.strip() for sentence in _SENTENCE_END.split(text) if sentence.strip()]
+
+
 def _sentences(messages: Sequence[dict]) -> list[str]:
     """The user's sentences, in order, each once."""
     found: dict[str, None] = {}
     for message in messages:
         if message["role"] == "user":
-            for sentence in re.split(r"(?<=[.!?])\s+|\n", message["content"]):
-                if sentence.strip():
-                    found.setdefault(sentence.strip(), None)
+            for sentence in sentences(message["content"]):
+                found.setdefault(sentence, None)
     return list(found)
 
 

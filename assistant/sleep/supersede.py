@@ -15,7 +15,6 @@ nothing, and neither does one the teacher cannot answer from.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from assistant.sleep import counterfactual, lessons
@@ -26,7 +25,6 @@ from backends.base import BlockTrainer
 
 CONFIDENCE = 0.5  # as dreams judge a reference: the teacher's least mean token probability
 GROUNDING = 2.0  # and how many times likelier the session must make the answer than no session
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 # Words that say what kind of question it is, not what it is about.
 _FUNCTION_WORDS = frozenset("""
     a about am an and any are at be call called can could did do does for from had has have how i in
@@ -47,7 +45,7 @@ def related(question: str, sessions: Sequence[str]) -> list[int]:
     if not asked:
         return []
     return [index for index, said in enumerate(sessions)
-            if any(asked <= topic_words(sentence) for sentence in _SENTENCE_END.split(said))]
+            if any(asked <= topic_words(sentence) for sentence in lessons.sentences(said))]
 
 
 def superseded(trainer: BlockTrainer, known: Sequence[tuple[str, str]], tonight: Sequence[lessons.Lesson]) -> set[str]:
