@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from assistant.sleep.gate import GateSettings, Measurement, better, decide, kept_share
 
-SETTINGS = GateSettings()  # in-context tolerance 2 points, retention tolerance 5%
+SETTINGS = GateSettings()  # in-context tolerance 1.5 points, retention tolerance 5%
 
 
 def test_a_night_that_recalls_more_and_keeps_everything_is_promoted():
