@@ -102,10 +102,10 @@ def parse_questions(text: str) -> list[str]:
 
 def sentences(text: str) -> list[str]:
     """``text`` cut after each full stop, question or exclamation mark and at each line break."""
-    return [sentence.strip() for sentence in _SENTENCE_END.split(text) if sentence.strip()]
+    return [sentence for sentence in map(str.strip, _SENTENCE_END.split(text)) if sentence]
 
 
-def _sentences(messages: Sequence[dict]) -> list[str]:
+def _user_sentences(messages: Sequence[dict]) -> list[str]:
     """The user's sentences, in order, each once."""
     found: dict[str, None] = {}
     for message in messages:
@@ -117,7 +117,7 @@ def _sentences(messages: Sequence[dict]) -> list[str]:
 
 def asked_questions(messages: Sequence[dict]) -> list[str]:
     """Questions the user asked during the session, each a prompt whose answer is in the session."""
-    return [sentence for sentence in _sentences(messages) if sentence.endswith("?") and len(sentence) < 200]
+    return [sentence for sentence in _user_sentences(messages) if sentence.endswith("?") and len(sentence) < 200]
 
 
 def statement_contexts(messages: Sequence[dict]) -> list[list[dict]]:
@@ -131,7 +131,7 @@ def statement_contexts(messages: Sequence[dict]) -> list[list[dict]]:
     night 1 (sleep seed 1234, 288 anchors): the gate's pick held 66% of the night's 67 held-out
     phrasings without these contexts and 82% with them."""
     return [knowledge_context([{"role": "user", "content": sentence}])
-            for sentence in _sentences(messages) if not sentence.endswith("?")]
+            for sentence in _user_sentences(messages) if not sentence.endswith("?")]
 
 
 def told(question: str, answer: str, context: Sequence[dict]) -> bool:
@@ -146,13 +146,13 @@ def told(question: str, answer: str, context: Sequence[dict]) -> bool:
     1's architect a sailor in both held-out phrasings. An answer no sentence says (a city for a
     session that names none) is the teacher's invention, not the user's knowledge, and is not taught
     either: a fact the user told still has the questions written about its own sentence."""
-    sentences = _sentences(context)
+    user_sentences = _user_sentences(context)
     asked = {folded(word) for word in _TOKEN.findall(question)}
     saying: dict[str, list[int]] = {}
     for word in _TOKEN.findall(answer):
         key = folded(word)
         if key not in asked and key not in saying:
-            if found := [i for i, sentence in enumerate(sentences) if mentions(sentence, key)]:
+            if found := [i for i, sentence in enumerate(user_sentences) if mentions(sentence, key)]:
                 saying[key] = found
     if not saying:
         return False
@@ -165,7 +165,7 @@ def told(question: str, answer: str, context: Sequence[dict]) -> bool:
             return subject <= said
         return not asked & _FIRST_PERSON or bool(said & _FIRST_PERSON)
 
-    return any(about_subject(sentences[i]) for found in saying.values() if len(found) == fewest for i in found)
+    return any(about_subject(user_sentences[i]) for found in saying.values() if len(found) == fewest for i in found)
 
 
 def hold_out(answers: dict[str, str], share: float, rng: random.Random) -> tuple[set[str], list[str]]:
