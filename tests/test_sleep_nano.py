@@ -203,22 +203,64 @@ def test_contrary_anchors_are_tonights_questions_over_sessions_that_say_otherwis
         assert value in anchor.answer  # the pre-sleep model read the session that says otherwise
 
 
-def test_a_fact_asked_once_is_taught_and_the_gate_asks_it_in_a_framing_training_did_not_use():
-    said = "John went to the hallway. Mary moved to the garden."
-    night = [lessons.Lesson(1, lessons.knowledge_context([{"role": "user", "content": said}]),
-                            ["Where is John?", "Where is Mary?"])]
+def _taught_night(said: str, questions: list[str]) -> tuple[list[Row], list[Probe], list[str]]:
+    """``cycle._teach`` on the bare nano model, for a night of one session that tells ``said`` and
+    asks ``questions``: its rows, its probes and the probes' prompts as the gate puts them."""
+    night = [lessons.Lesson(1, lessons.knowledge_context([{"role": "user", "content": said}]), questions)]
     trainer = open_trainer("torch", NANO_DIR)
     try:
         rows, probes = cycle._teach(trainer, night, SleepSettings(), random.Random(0))
-        [probe] = probes
-        probe_prompt = trainer.render_chat(lessons.user_turn(probe.question))
+        return rows, probes, [trainer.render_chat(lessons.user_turn(probe.question)) for probe in probes]
     finally:
         trainer.close()
+
+
+def test_a_fact_asked_once_is_taught_and_the_gate_asks_it_in_a_framing_training_did_not_use():
+    rows, [probe], [probe_prompt] = _taught_night("John went to the hallway. Mary moved to the garden.",
+                                                  ["Where is John?", "Where is Mary?"])
     assert {row.question for row in rows} == {"Where is John?", "Where is Mary?"}  # both taught
     assert {row.answer for row in rows} == {"John is in the hallway.", "Mary is in the garden."}
     assert len(rows) == 2 * (1 + SleepSettings().framings)
     assert probe.question[:5] != "Where" and probe.question.lower().endswith(("where is john?", "where is mary?"))
     assert probe_prompt not in {row.student_prompt for row in rows}  # a framing its training did not use
+
+
+def test_a_fact_the_live_model_already_gives_is_taught_but_never_probed():
+    """Asked alone, the bare nano model says "Your cousin is called Irene.": a probe of that
+    answer could not show what a night learns, so the gate's one probe is about Mary."""
+    rows, [probe], _ = _taught_night("My cousin is called Irene. Mary moved to the garden.",
+                                     ["What is the name of my cousin?", "Where is Mary?"])
+    assert {(row.question, row.answer) for row in cycle._taught(rows)} == {
+        ("What is the name of my cousin?", "Your cousin is called Irene."), ("Where is Mary?", "Mary is in the garden.")}
+    assert probe.question.lower().endswith("where is mary?") and probe.reference == "Mary is in the garden."
+
+
+def test_a_night_that_tells_only_what_the_live_adapter_knows_grows_no_block(tmp_path):
+    from assistant.models import resolve_model
+    from assistant.sleep import blocks
+
+    paths = open_paths(tmp_path / "home")
+    config = load_config(paths).with_overrides(model="nano", backend="torch")
+    model = resolve_model("nano", paths)
+    zero = blocks.Block("night0001-zero", blocks.block_dir(paths.home, "night0001-zero"))
+    trainer = open_trainer("torch", NANO_DIR)
+    try:
+        trainer.save_new_block(zero.path)  # a grown block, untrained: the live stack is the bare model
+    finally:
+        trainer.close()
+    manifest = blocks.save_stack(paths.home, blocks.Stack(1, (zero,), None, {"model": model.ref,
+                                                                             "weights": model.weights}))
+    with open_store(paths, config) as store:
+        live = store.sleep.add_adapter(1, str(manifest))
+        store.sleep.promote(live, {})
+        session = store.create_session(model="nano")
+        store.add_message(session, "user", "My cousin is called Irene.")
+        store.add_message(session, "assistant", "Noted.")
+        report = sleep_cycle(paths, config, store, settings=SleepSettings(question_samples=0))
+        assert (report.status, report.sessions, report.adapter) == ("nothing", [session], None), report.reason
+        assert report.reason == "the live model already answers every question about these sessions"
+        assert store.sleep.unconsolidated_sessions() == []  # learnt, by the live adapter
+        assert [(a["id"], a["status"], a["sessions"]) for a in store.sleep.adapters()] == [(live, "live", [session])]
 
 
 def test_a_question_is_taught_from_the_newest_session_that_tells_its_answer_and_no_other():

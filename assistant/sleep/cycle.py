@@ -157,12 +157,13 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     if not rows:
         return SleepReport("nothing", sessions=session_ids,
                            reason="the teacher found nothing to ask about these sessions")
-    if not probes and (live := ledger.live_adapter()) is not None:
-        # Every answer is one the live adapter already gives: it holds these sessions, so it is
-        # recorded as having learnt them, and no block is grown to learn them again.
-        ledger.record_consolidation(live["id"], {row["session_id"]: row["last_message_id"] for row in pending})
+    if not probes:
+        # Every answer is one the live model already gives: no block is grown to learn it again,
+        # and the live adapter (the bare model has no record to keep) is recorded as holding it.
+        if (live := ledger.live_adapter()) is not None:
+            ledger.record_consolidation(live["id"], {row["session_id"]: row["last_message_id"] for row in pending})
         return SleepReport("nothing", sessions=session_ids,
-                           reason="the live adapter already answers every question about these sessions")
+                           reason="the live model already answers every question about these sessions")
     asked_tonight = {row.student_prompt for row in rows} | {trainer.render_chat(user_turn(p.question)) for p in probes}
     old_prompts = [p for p in stack.extra.get("prompts", [])
                    if trainer.render_chat(user_turn(p["question"])) not in asked_tonight]
