@@ -429,7 +429,7 @@ def _teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) ->
 
 def _unknown(trainer, answered: dict[str, str]) -> dict[str, str]:
     """The ``answered`` questions (question -> the teacher's answer) that the live stack, asked
-    alone, does not already answer so: the only ones a probe of tonight's recall can learn from.
+    alone, does not already answer so: the only ones whose recall can show what tonight taught.
 
     A question the stack already answers tests nothing new, whatever the night does: bAbI night 3
     (sleep seed 1234) drew its probes from the garbled questions the nano teacher writes ("I
