@@ -151,6 +151,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     ledger = store.sleep
     rng = random.Random(settings.seed + run_id)
     session_ids = [row["session_id"] for row in pending]
+    learnt = {row["session_id"]: row["last_message_id"] for row in pending}  # what a live adapter records
     progress("questions", 0.05, f"writing questions about {len(session_ids)} session(s)")
     new_lessons = [lesson for sid in session_ids for lesson in _lessons(trainer, store, sid, settings, rng)]
     rows, probes = _teach(trainer, new_lessons, settings, rng)
@@ -161,7 +162,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
         # Every answer is one the live model already gives: no block is grown to learn it again,
         # and the live adapter (the bare model has no record to keep) is recorded as holding it.
         if (live := ledger.live_adapter()) is not None:
-            ledger.record_consolidation(live["id"], {row["session_id"]: row["last_message_id"] for row in pending})
+            ledger.record_consolidation(live["id"], learnt)
         return SleepReport("nothing", sessions=session_ids,
                            reason="the live model already answers every question about these sessions")
     asked_tonight = {row.student_prompt for row in rows} | {trainer.render_chat(user_turn(p.question)) for p in probes}
@@ -222,7 +223,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     adapter_id = ledger.add_adapter(version, str(manifest), parent_version=stack.version or None,
                                     sleep_run_id=run_id, scores=verdict.record())
     if verdict.promote:
-        ledger.promote(adapter_id, {row["session_id"]: row["last_message_id"] for row in pending})
+        ledger.promote(adapter_id, learnt)
     else:
         ledger.set_adapter_status(adapter_id, "rejected")
     return SleepReport(
