@@ -1,15 +1,18 @@
-"""Hugging Face Llama folders and PEFT LoRA folders -> GGUF files that llama.cpp loads.
+"""Hugging Face model folders and PEFT LoRA folders -> GGUF files that llama.cpp loads.
 
 llama.cpp only reads GGUF, while the rest of Somnus (training, the torch and mlx engines) speaks
 Hugging Face safetensors and PEFT. This module is the one bridge, written on the ``gguf`` package:
-hyperparameters under llama.cpp's key names, tensors under llama.cpp's names, the tokenizer as a
-GPT-2 style BPE vocabulary, and LoRA adapters in llama.cpp's adapter layout.
+hyperparameters under llama.cpp's key names, tensors under llama.cpp's names (the ``gguf``
+package's name map of the model's architecture), the tokenizer as a GPT-2 style BPE vocabulary,
+and LoRA adapters in llama.cpp's adapter layout. The families it knows are those of ``_FAMILIES``
+(Llama, Qwen2/2.5, Qwen3); any other architecture is refused by name.
 
-Two layout details matter for equal outputs across engines:
+Layout details that matter for equal outputs across engines:
 
-* Hugging Face rotates query/key halves (``rotate_half``) while llama.cpp's Llama graph rotates
-  adjacent pairs, so the rows of q_proj/k_proj (and of a LoRA's q/k ``lora_B``) are permuted so that
-  each head's two halves interleave.
+* Hugging Face rotates query/key halves (``rotate_half``). llama.cpp's Llama graph rotates
+  adjacent pairs, so for Llama the rows of q_proj/k_proj (and of a LoRA's q/k ``lora_B``) are
+  permuted so that each head's two halves interleave; Qwen runs NEOX-style rope in llama.cpp,
+  which rotates halves like Hugging Face, so its rows are written as they are.
 * llama.cpp scales a LoRA by ``alpha / rank`` (rank read from ``lora_b``); PEFT by
   ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). The written alpha reproduces PEFT's scale, and a
   block whose rank differs (PEFT's rank_pattern) gets the difference folded into its ``lora_b``.
@@ -22,6 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -30,14 +34,42 @@ import numpy as np
 from backends.base import BackendError
 from backends.peft_io import ADAPTER_WEIGHTS, read_lora, read_model_config
 
-ARCH = gguf.MODEL_ARCH.LLAMA
-ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
+
+@dataclass(frozen=True)
+class _Family:
+    """How one Hugging Face architecture maps onto its llama.cpp counterpart."""
+
+    arch: gguf.MODEL_ARCH
+    hf_class: str  # config.json's ``architectures`` entry
+    model_type: str  # config.json's ``model_type``
+    interleaves_rope: bool  # llama.cpp rotates adjacent pairs (Llama) rather than halves (NEOX)
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+_FAMILIES = {
+    family.name: family
+    for family in (
+        _Family(gguf.MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
+        _Family(gguf.MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", False),
+        _Family(gguf.MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", "qwen3", False),
+    )
+}
+# Architectures llama.cpp runs, but not to within the engines' 1e-4 log-prob parity, by model_type.
+_REFUSED = {
+    "gemma3_text": (
+        "Gemma3ForCausalLM",
+        "llama.cpp's CPU GELU reads an fp16 table, so its log-probs stray ~1e-3 from torch's; use torch or mlx",
+    ),
+}
 _DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
 _IGNORED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
 
 
 def export_model(hf_dir: Path, out_path: Path, dtype: str = "f32") -> Path:
-    """Write the Hugging Face Llama model in ``hf_dir`` as one GGUF file (weights, tokenizer, template).
+    """Write the Hugging Face model in ``hf_dir`` as one GGUF file (weights, tokenizer, template).
 
     ``dtype`` is ``"f32"`` (bit-faithful) or ``"f16"`` (half the size; norms stay f32 as llama.cpp
     expects). The file appears at ``out_path`` only once complete.
@@ -47,11 +79,12 @@ def export_model(hf_dir: Path, out_path: Path, dtype: str = "f32") -> Path:
         raise BackendError(f"unknown GGUF dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     np_dtype, file_type = _DTYPES[dtype]
     config = read_model_config(hf_dir)
-    hparams = _LlamaHparams(config, hf_dir / "config.json")
+    family = _family_of(config, hf_dir / "config.json")
+    hparams = _Hparams(config, hf_dir / "config.json", family)
     weights = _read_safetensors(hf_dir)
-    name_map = gguf.get_tensor_name_map(ARCH, hparams.n_layer)
+    name_map = gguf.get_tensor_name_map(family.arch, hparams.n_layer)
 
-    with _atomic_writer(out_path, gguf.GGUFType.MODEL) as writer:
+    with _atomic_writer(out_path, gguf.GGUFType.MODEL, family.name) as writer:
         writer.add_name(hf_dir.name)
         writer.add_file_type(file_type)
         hparams.write(writer)
@@ -61,7 +94,7 @@ def export_model(hf_dir: Path, out_path: Path, dtype: str = "f32") -> Path:
                 continue
             found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
             if found is None:
-                raise BackendError(f"{hf_dir / 'model.safetensors'}: tensor {hf_name} is not part of a Llama model")
+                raise BackendError(f"{hf_dir / 'model.safetensors'}: tensor {hf_name} is not part of a {family.hf_class}")
             kind, name = found
             if kind == gguf.MODEL_TENSOR.TOKEN_EMBD and tensor.shape[0] != hparams.vocab_size:
                 raise BackendError(f"{hf_dir}: {tensor.shape[0]} embedding rows for vocab_size {hparams.vocab_size}")
@@ -70,23 +103,26 @@ def export_model(hf_dir: Path, out_path: Path, dtype: str = "f32") -> Path:
     return out_path
 
 
-def export_lora(peft_dir: Path, out_path: Path, *, n_head: int, n_head_kv: int) -> Path:
+def export_lora(peft_dir: Path, out_path: Path, *, arch: str, n_head: int, n_head_kv: int) -> Path:
     """Write the PEFT LoRA in ``peft_dir`` as a llama.cpp LoRA adapter (``general.type = adapter``).
 
-    ``n_head``/``n_head_kv`` are the base model's query and key/value head counts, needed to permute
-    the q/k ``lora_B`` rows the way the base weights were permuted.
+    ``arch`` is the base GGUF's ``general.architecture``; ``n_head``/``n_head_kv`` are its query and
+    key/value head counts, needed to permute the q/k ``lora_B`` rows the way the base weights were.
     """
     peft_dir, out_path = Path(peft_dir), Path(out_path)
+    if arch not in _FAMILIES:
+        raise BackendError(f"{peft_dir}: LoRA export for llama.cpp architecture {arch!r} is not supported")
+    family = _FAMILIES[arch]
     blocks = read_lora(peft_dir)
     source = peft_dir / ADAPTER_WEIGHTS
     n_layer = 1 + max((int(m) for b in blocks for m in re.findall(r"\.layers\.(\d+)\.", b.module)), default=0)
-    name_map = gguf.get_tensor_name_map(ARCH, n_layer)
-    permute = {gguf.MODEL_TENSOR.ATTN_Q: n_head, gguf.MODEL_TENSOR.ATTN_K: n_head_kv}
+    name_map = gguf.get_tensor_name_map(family.arch, n_layer)
+    permute = {gguf.MODEL_TENSOR.ATTN_Q: n_head, gguf.MODEL_TENSOR.ATTN_K: n_head_kv} if family.interleaves_rope else {}
     # llama.cpp applies alpha / rank; this alpha reproduces PEFT's scale for the first block's rank,
     # and any block of another rank gets the difference folded into its lora_b.
     alpha = blocks[0].scale * blocks[0].down.shape[0]
 
-    with _atomic_writer(out_path, gguf.GGUFType.ADAPTER) as writer:
+    with _atomic_writer(out_path, gguf.GGUFType.ADAPTER, family.name) as writer:
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for block in blocks:
@@ -103,10 +139,24 @@ def export_lora(peft_dir: Path, out_path: Path, *, n_head: int, n_head_kv: int) 
     return out_path
 
 
-class _LlamaHparams:
-    """The Llama hyperparameters llama.cpp needs, read from a transformers 4 or 5 config.json."""
+def _family_of(config: dict, path: Path) -> _Family:
+    """The family named by config.json's ``architectures`` (or, lacking it, its ``model_type``)."""
+    architectures = config.get("architectures") or []
+    for model_type, (hf_class, reason) in _REFUSED.items():
+        if hf_class in architectures or config.get("model_type") == model_type:
+            raise BackendError(f"{path}: {hf_class} is not exported to GGUF: {reason}")
+    for family in _FAMILIES.values():
+        if family.hf_class in architectures or (not architectures and config.get("model_type") == family.model_type):
+            return family
+    named = ", ".join(architectures) or config.get("model_type") or "an unnamed architecture"
+    known = ", ".join(family.hf_class for family in _FAMILIES.values())
+    raise BackendError(f"{path}: {named} cannot be exported to GGUF (supported: {known})")
 
-    def __init__(self, config: dict, path: Path):
+
+class _Hparams:
+    """The hyperparameters llama.cpp needs for one family, read from a transformers 4 or 5 config.json."""
+
+    def __init__(self, config: dict, path: Path, family: _Family):
         try:
             self.n_layer = int(config["num_hidden_layers"])
             self.n_embd = int(config["hidden_size"])
@@ -118,9 +168,12 @@ class _LlamaHparams:
             self.rms_eps = float(config.get("rms_norm_eps", 1e-6))
             self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
         except (KeyError, TypeError, ValueError) as error:
-            raise BackendError(f"{path}: missing or invalid Llama setting {error}") from None
+            raise BackendError(f"{path}: missing or invalid {family.hf_class} setting {error}") from None
+        self.family, self.path = family, path
         if config.get("hidden_act", "silu") != "silu":
-            raise BackendError(f"{path}: activation {config['hidden_act']!r} is not Llama's silu")
+            raise BackendError(f"{path}: activation {config['hidden_act']!r} is not {family.hf_class}'s silu")
+        if config.get("use_sliding_window"):
+            raise BackendError(f"{path}: sliding-window attention in {family.hf_class} is not supported by the GGUF export")
         # transformers 5 nests RoPE settings in rope_parameters; 4.x keeps rope_theta/rope_scaling at the top.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
@@ -128,7 +181,6 @@ class _LlamaHparams:
         self.rope_factor = float(rope.get("factor", 1.0))
         if self.rope_type not in ("default", "linear"):
             raise BackendError(f"{path}: RoPE scaling {self.rope_type!r} is not supported by the GGUF export")
-        self.path = path
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_context_length(self.context_length)
@@ -148,6 +200,9 @@ class _LlamaHparams:
             writer.add_rope_scaling_factor(self.rope_factor)
 
     def to_llamacpp_rows(self, kind: gguf.MODEL_TENSOR, tensor: np.ndarray) -> np.ndarray:
+        """The tensor in llama.cpp's row order: Llama's q/k rows pair up for adjacent-pair rope."""
+        if not self.family.interleaves_rope:
+            return tensor
         if kind == gguf.MODEL_TENSOR.ATTN_Q:
             return _interleave_rope_halves(tensor, self.n_head, self.path)
         if kind == gguf.MODEL_TENSOR.ATTN_K:
@@ -266,11 +321,11 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 @contextmanager
-def _atomic_writer(out_path: Path, gguf_type: str) -> Iterator[gguf.GGUFWriter]:
-    """A GGUFWriter whose file replaces ``out_path`` (mode 0600) only if everything was written."""
+def _atomic_writer(out_path: Path, gguf_type: str, arch: str) -> Iterator[gguf.GGUFWriter]:
+    """A GGUFWriter for ``arch`` whose file replaces ``out_path`` (mode 0600) only if everything was written."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(temp_path, ARCH_NAME)
+    writer = gguf.GGUFWriter(temp_path, arch)
     writer.add_type(gguf_type)
     try:
         yield writer

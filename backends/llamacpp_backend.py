@@ -206,6 +206,7 @@ class LlamaCppBackend:
             export_lora(
                 path,
                 target,
+                arch=arch,
                 n_head=int(self._metadata[f"{arch}.attention.head_count"]),
                 n_head_kv=int(self._metadata.get(f"{arch}.attention.head_count_kv", 0))
                 or int(self._metadata[f"{arch}.attention.head_count"]),

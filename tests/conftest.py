@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random Llama with the project's real tokenizer, and an isolated home."""
+"""Shared fixtures: tiny random models (Llama, Qwen2, Qwen3, Gemma 3) with the project's real tokenizer,
+the Llama one exported to GGUF, and an isolated home."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,43 +19,100 @@ TINY_CORPUS = [
 ]
 
 
-def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
-    """A random 2-layer Llama (grouped-query attention) with the real nano tokenizer, saved in fp32."""
+def _tiny_config(family: str, tokenizer):
+    """The config of a tiny 2-layer model of ``family``: width 64, 4 query heads over 2 key/value heads."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+    shared = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if family == "llama":
+        return LlamaConfig(**shared, rope_theta=10000.0, tie_word_embeddings=False)
+    if family == "qwen2":  # q/k/v biases; tied embeddings like Qwen2.5's small models
+        return Qwen2Config(**shared, rope_theta=1000000.0, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k norms; heads wider than hidden/heads, as in Qwen3
+        return Qwen3Config(**shared, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=False)
+    if family == "gemma3":  # one sliding layer with a window shorter than the test prompts, one global layer
+        return Gemma3TextConfig(
+            **shared,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            tie_word_embeddings=True,
+        )
+    raise ValueError(f"no tiny {family} model")
+
+
+def build_tiny_model(directory: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A random 2-layer model of ``family`` (grouped-query attention) with the real nano tokenizer, in fp32.
+
+    Beyond Llama (whose weights other tests' expectations rest on), norm weights and biases are
+    random too: at their initial ones and zeros a bias or norm written wrongly would go unnoticed.
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from assistant.nano.tokenizer import save, train_tokenizer
 
     tokenizer = train_tokenizer(TINY_CORPUS * 20, vocab_size=400)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(_tiny_config(family, tokenizer))
     with torch.no_grad():  # larger weights than the default init, so greedy choices are not near-ties
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.08)
+            elif family != "llama":
+                param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(str(directory), safe_serialization=True)
     save(tokenizer, directory)
     return directory
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+def tiny_models(tmp_path_factory) -> Callable[[str], Path]:
+    """The tiny model folder of a family ("llama", "qwen2", "qwen3", "gemma3"), built on first use."""
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return built[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_models) -> Path:
+    return tiny_models("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    from backends.gguf_export import export_model
+
+    return export_model(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture

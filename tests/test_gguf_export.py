@@ -13,13 +13,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from helpers import make_peft_lora, torch_logits
 
 from backends.base import BackendError
 from backends.gguf_export import export_lora, export_model
 
 F32_LOGIT_TOLERANCE = 1e-4
 F16_LOGIT_TOLERANCE = 2e-2
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXTS = [
     "Hello! How can I help you today?",
     "héllo wörld, ça va? 日本語のテキスト 🎉🦊 naïve café",
@@ -28,44 +28,6 @@ TEXTS = [
     "<|im_start|>user\nMy dog Rex likes the park.<|im_end|>\n<|im_start|>assistant\n",
     "<|endoftext|>text<|im_end|><|im_start|>",
 ]
-
-
-def make_peft_lora(model_dir: Path, out_dir: Path, seed: int, **lora_options) -> Path:
-    """A real PEFT LoRA on the tiny model with random, non-zero lora_B (PEFT starts B at zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGET_MODULES, **lora_options}
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(**options))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
-def torch_logits(model_dir: Path, ids: list[int], adapters: list[tuple[Path, float]] = ()) -> np.ndarray:
-    """transformers' logits for ``ids``, with PEFT adapters applied together, each times its scale."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapters:
-        names = [f"adapter{i}" for i in range(len(adapters))]
-        model = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0])
-        for name, (path, _) in zip(names[1:], adapters[1:]):
-            model.load_adapter(path, adapter_name=name)
-        model.base_model.set_adapter(names)
-        for module in model.modules():
-            if isinstance(getattr(module, "scaling", None), dict):
-                for name, (_, scale) in zip(names, adapters):
-                    module.scaling[name] *= scale
-    with torch.no_grad():
-        return model.eval()(torch.tensor([ids])).logits[0].numpy()
 
 
 def llamacpp_logits(gguf_path: Path, ids: list[int], lora_path: Path | None = None) -> np.ndarray:
@@ -81,18 +43,6 @@ def llamacpp_logits(gguf_path: Path, ids: list[int], lora_path: Path | None = No
         return np.array(llm.scores[: len(ids)])
     finally:
         llm.close()
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
-    return export_model(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +125,7 @@ def test_transformers_4_config_with_top_level_rope_theta(tiny_model_dir, tmp_pat
 
 def test_lora_gives_peft_logits(tiny_model_dir, tiny_gguf, tmp_path, sample_ids):
     peft_dir = make_peft_lora(tiny_model_dir, tmp_path / "lora", seed=1)
-    adapter = export_lora(peft_dir, tmp_path / "lora.gguf", n_head=4, n_head_kv=2)
+    adapter = export_lora(peft_dir, tmp_path / "lora.gguf", arch="llama", n_head=4, n_head_kv=2)
     fields = gguf.GGUFReader(adapter).fields
     assert fields["general.type"].contents() == "adapter"
     assert fields["adapter.type"].contents() == "lora"
@@ -189,7 +139,7 @@ def test_rslora_with_per_module_ranks_gives_peft_logits(tiny_model_dir, tiny_ggu
     peft_dir = make_peft_lora(
         tiny_model_dir, tmp_path / "lora", seed=2, r=8, lora_alpha=4, use_rslora=True, rank_pattern={"q_proj": 2}
     )
-    adapter = export_lora(peft_dir, tmp_path / "lora.gguf", n_head=4, n_head_kv=2)
+    adapter = export_lora(peft_dir, tmp_path / "lora.gguf", arch="llama", n_head=4, n_head_kv=2)
     expected = torch_logits(tiny_model_dir, sample_ids, [(peft_dir, 1.0)])
     assert np.abs(llamacpp_logits(tiny_gguf, sample_ids, adapter) - expected).max() < F32_LOGIT_TOLERANCE
 
@@ -204,7 +154,7 @@ def test_missing_or_corrupt_input_names_the_file(tiny_model_dir, tmp_path):
     with pytest.raises(BackendError, match="model.safetensors"):
         export_model(broken, tmp_path / "out.gguf")
     with pytest.raises(BackendError, match="adapter_config.json"):
-        export_lora(tmp_path, tmp_path / "out.gguf", n_head=4, n_head_kv=2)
+        export_lora(tmp_path, tmp_path / "out.gguf", arch="llama", n_head=4, n_head_kv=2)
     assert not list(tmp_path.glob("*gguf*"))  # neither a result nor a leftover temporary file
 
 
@@ -218,3 +168,16 @@ def test_failed_export_keeps_the_previous_file(tiny_model_dir, tiny_gguf, tmp_pa
         export_model(broken, target)
     assert target.read_bytes() == tiny_gguf.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model.gguf"]
+
+
+def test_families_llamacpp_cannot_match_are_refused_by_name(tiny_models, tiny_model_dir, tmp_path):
+    with pytest.raises(BackendError, match="Gemma3ForCausalLM is not exported to GGUF: llama.cpp's CPU GELU"):
+        export_model(tiny_models("gemma3"), tmp_path / "gemma3.gguf")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackendError, match="MistralForCausalLM cannot be exported to GGUF"):
+        export_model(other, tmp_path / "other.gguf")
+    assert not list(tmp_path.glob("*gguf*"))

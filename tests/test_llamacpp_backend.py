@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_gguf_export import hf_tokenizer, make_peft_lora, tiny_gguf, torch_logits  # noqa: F401 (fixtures)
+from helpers import make_peft_lora, torch_logits
 
 from backends.base import Adapter, BackendError, Sampling
 from backends.gguf_export import export_model

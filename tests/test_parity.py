@@ -1,25 +1,30 @@
-"""Every installed engine computes the same thing from the same weights and the same LoRA.
+"""Every installed engine computes the same thing from the same weights and the same LoRA, per family.
 
 Opened through ``backends.select.open_backend`` as the app opens them: torch and mlx on the Hugging
-Face folder, llama.cpp on its GGUF export. Greedy decoding must give the same text token for token;
-log-probabilities must agree within LOGPROB_TOLERANCE (measured on the tiny model: at most ~1e-6
-between torch, f32 llama.cpp and mlx on the CPU, with and without adapters).
+Face folder, llama.cpp on its GGUF export, for a tiny model of each family the export knows (Llama,
+Qwen2, Qwen3) and of Gemma 3, which only torch and mlx run (the GGUF export refuses it: llama.cpp's
+fp16 GELU table puts its log-probs ~1e-3 from torch's). Greedy decoding must give the same text
+token for token; log-probabilities must agree within LOGPROB_TOLERANCE (measured on the tiny
+models: at most ~2e-6 between torch, f32 llama.cpp and mlx on the CPU, with and without adapters).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_gguf_export import make_peft_lora
+from helpers import make_peft_lora
 
 from backends.base import Adapter, Sampling
 from backends.gguf_export import export_model
 from backends.select import ENGINES, is_installed, open_backend
 
-pytestmark = pytest.mark.slow  # loads every engine and a few PEFT models: ~30 s in all
+pytestmark = pytest.mark.slow  # loads every engine on four tiny models and a few PEFT models
 
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
+GGUF_FAMILIES = {"llama", "qwen2", "qwen3"}
 LOGPROB_TOLERANCE = 1e-4
 GREEDY_TOKENS = 20
 CONVERSATIONS = [
@@ -32,29 +37,43 @@ CONVERSATIONS = [
     ],
 ]
 COMPLETION = "Rex likes the park. I work as a nurse in Lisbon."
+STACKS = ["bare", "one LoRA", "two scaled LoRAs"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir, tmp_path_factory):
-    gguf_path = export_model(tiny_model_dir, tmp_path_factory.mktemp("parity") / "tiny.gguf")
-    opened = {}
-    for engine in (name for name in ENGINES if is_installed(name)):
-        if engine == "llamacpp":
-            opened[engine] = open_backend(engine, gguf_path=gguf_path)
-        else:
-            opened[engine] = open_backend(engine, hf_dir=tiny_model_dir)
-    if len(opened) < 2:
-        pytest.skip(f"parity needs two engines, only {', '.join(opened)} installed")
+def model_dir(family, tiny_models) -> Path:
+    return tiny_models(family)
+
+
+def open_engine(engine: str, family: str, hf_dir: Path, folder: Path):
+    """``engine`` on ``hf_dir`` as the app opens it (llama.cpp through a fresh GGUF export in ``folder``)."""
+    if engine == "llamacpp":
+        return open_backend(engine, gguf_path=export_model(hf_dir, folder / f"{family}.gguf"))
+    return open_backend(engine, hf_dir=hf_dir)
+
+
+@pytest.fixture(scope="module")
+def engines(family, model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"parity-{family}")
+    names = [name for name in ENGINES if is_installed(name) and (name != "llamacpp" or family in GGUF_FAMILIES)]
+    if len(names) < 2:
+        pytest.skip(f"parity needs two engines, only {', '.join(names)} installed for {family}")
+    opened = {name: open_engine(name, family, model_dir, folder) for name in names}
     yield opened
     for backend in opened.values():
         backend.close()
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, list[Adapter]]:
-    folder = tmp_path_factory.mktemp("parity-adapters")
-    first = make_peft_lora(tiny_model_dir, folder / "first", seed=11)
-    second = make_peft_lora(tiny_model_dir, folder / "second", seed=12, r=8, lora_alpha=16)
+def adapters(family, model_dir, tmp_path_factory) -> dict[str, list[Adapter]]:
+    folder = tmp_path_factory.mktemp(f"parity-adapters-{family}")
+    first = make_peft_lora(model_dir, folder / "first", seed=11)
+    second = make_peft_lora(model_dir, folder / "second", seed=12, r=8, lora_alpha=16)
     return {
         "bare": [],
         "one LoRA": [Adapter(first)],
@@ -62,24 +81,39 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, list[Adapter]]:
     }
 
 
-@pytest.mark.parametrize("stack", ["bare", "one LoRA", "two scaled LoRAs"])
+def outputs(backend, greedy: bool = True) -> dict:
+    """What the engine makes of the test conversations: its prompts, greedy replies and log-probs."""
+    prompts = [backend.render_chat(conversation) for conversation in CONVERSATIONS]
+    return {
+        "prompts": prompts,
+        "greedy": ["".join(backend.stream(p, Sampling(max_tokens=GREEDY_TOKENS))) for p in prompts] if greedy else None,
+        "logprobs": np.array([backend.token_logprobs(p, COMPLETION) for p in prompts]),
+    }
+
+
+def disagreements(result: dict, reference: dict) -> list[str]:
+    """How ``result`` departs from ``reference``: different prompts or greedy text, or log-probs too far apart."""
+    found = []
+    if result["prompts"] != reference["prompts"]:
+        found.append("prompts differ")
+    if result["greedy"] is not None and result["greedy"] != reference["greedy"]:
+        found.append("greedy text differs")
+    difference = np.abs(result["logprobs"] - reference["logprobs"]).max()
+    if not difference < LOGPROB_TOLERANCE:
+        found.append(f"log-probs differ by {difference:.2e}")
+    return found
+
+
+@pytest.mark.parametrize("stack", STACKS)
 def test_engines_agree_on_greedy_text_and_logprobs(engines, adapters, stack):
     results = {}
     for name, backend in engines.items():
         backend.set_adapters(adapters[stack])
-        prompts = [backend.render_chat(conversation) for conversation in CONVERSATIONS]
-        results[name] = {
-            "prompts": prompts,
-            "greedy": ["".join(backend.stream(p, Sampling(max_tokens=GREEDY_TOKENS))) for p in prompts],
-            "logprobs": np.array([backend.token_logprobs(p, COMPLETION) for p in prompts]),
-        }
+        results[name] = outputs(backend)
     reference_name, reference = next(iter(results.items()))
     assert all(text for text in reference["greedy"])
     for name, result in results.items():
-        assert result["prompts"] == reference["prompts"], name
-        assert result["greedy"] == reference["greedy"], f"{name} vs {reference_name}"
-        difference = np.abs(result["logprobs"] - reference["logprobs"]).max()
-        assert difference < LOGPROB_TOLERANCE, f"{name} vs {reference_name}: {difference:.2e}"
+        assert not disagreements(result, reference), f"{name} vs {reference_name}"
 
 
 def test_adapters_change_the_outputs(engines, adapters):
@@ -92,3 +126,25 @@ def test_adapters_change_the_outputs(engines, adapters):
     adapted = np.array(backend.token_logprobs(prompt, COMPLETION))
     backend.set_adapters([])
     assert np.abs(adapted - bare).max() > 0.05
+
+
+def test_a_slightly_changed_weight_breaks_parity(family, engines, model_dir, tmp_path):
+    """Guards the comparison itself: the last engine, given one norm weight moved by 0.02, must disagree."""
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(model_dir, changed)
+    weights = load_file(changed / "model.safetensors")
+    weights["model.layers.1.post_attention_layernorm.weight"][0] += 0.02
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    reference_name, reference = next(iter(engines.items()))
+    for backend in engines.values():
+        backend.set_adapters([])
+    name = list(engines)[-1]
+    backend = open_engine(name, family, changed, tmp_path)
+    try:
+        found = disagreements(outputs(backend, greedy=False), outputs(reference, greedy=False))
+    finally:
+        backend.close()
+    assert any(line.startswith("log-probs differ") for line in found), f"{name} vs {reference_name}"
+

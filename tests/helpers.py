@@ -1,0 +1,51 @@
+"""Helpers shared by several test modules (not fixtures, which live in conftest.py).
+
+PEFT LoRA folders with non-zero adapters, and transformers' own logits as the reference that
+the llama.cpp export and engine are checked against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_lora(model_dir: Path, out_dir: Path, seed: int, **lora_options) -> Path:
+    """A real PEFT LoRA on a tiny model with random, non-zero lora_B (PEFT starts B at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGET_MODULES, **lora_options}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(**options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def torch_logits(model_dir: Path, ids: list[int], adapters: list[tuple[Path, float]] = ()) -> np.ndarray:
+    """transformers' logits for ``ids``, with PEFT adapters applied together, each times its scale."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapters:
+        names = [f"adapter{i}" for i in range(len(adapters))]
+        model = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0])
+        for name, (path, _) in zip(names[1:], adapters[1:]):
+            model.load_adapter(path, adapter_name=name)
+        model.base_model.set_adapter(names)
+        for module in model.modules():
+            if isinstance(getattr(module, "scaling", None), dict):
+                for name, (_, scale) in zip(names, adapters):
+                    module.scaling[name] *= scale
+    with torch.no_grad():
+        return model.eval()(torch.tensor([ids])).logits[0].numpy()
