@@ -8,7 +8,10 @@ What is recorded, and when:
   ``error`` (the partial text, when the engine fails);
 - the prompt is built from complete turns only, so an interrupted reply never reads as if the
   model had said it;
-- a private chat records nothing at all; it keeps its turns in memory for its own context.
+- a private chat records nothing at all; it keeps its turns in memory for its own context;
+- the system prompt goes before every prompt and is never recorded: it is not part of the session;
+- with a ``journal``, a reply in flight is marked on disk, so one that a native engine crash cut
+  short (no Python frame is left to record it) is told at the next start.
 
 ``Chat.reply`` blocks and reports pieces through a callback, so a TUI runs it in a worker thread
 and cancels it from the interface thread with a ``threading.Event``. One reply at a time per Chat.
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from backends.base import Backend, Sampling
 
 from assistant.config import Config, SomnusError
+from assistant.crashes import ReplyJournal
+from assistant.persona import framed
 from assistant.store import Store, now
 
 
@@ -62,6 +68,8 @@ class Chat:
         session_id: int | None = None,
         sampling: Sampling = Sampling(),
         private: bool = False,
+        system: str | None = None,
+        journal: ReplyJournal | None = None,
     ) -> None:
         if store is None and not private:
             raise ValueError("a recorded chat needs a store (or pass private=True)")
@@ -69,7 +77,9 @@ class Chat:
         self.model = model
         self.sampling = sampling
         self.private = private
+        self.system = system  # put before every prompt, never recorded: it is not part of the session
         self._store = store
+        self._journal = journal
         self._session_id = session_id
         self._history: list[dict[str, str]] = []
         if session_id is not None and store is not None:
@@ -97,11 +107,13 @@ class Chat:
         prompt, prompt_tokens = self._fit_prompt()
         started = now()
         pieces: list[str] = []
+        in_flight = self._journal.replying(self.session_id, self.model) if self._journal else nullcontext()
         try:
-            for piece in self.backend.stream(prompt, self.sampling, cancel):
-                pieces.append(piece)
-                if on_piece is not None:
-                    on_piece(piece)
+            with in_flight:
+                for piece in self.backend.stream(prompt, self.sampling, cancel):
+                    pieces.append(piece)
+                    if on_piece is not None:
+                        on_piece(piece)
         except KeyboardInterrupt:
             self._finish("".join(pieces), "cancelled", prompt_tokens, started)
             raise
@@ -132,21 +144,26 @@ class Chat:
         """The prompt of the most recent turns that leave room for the reply, and its token count.
 
         Binary search over how many turns to keep: rendering grows with every turn added, and a
-        long session would otherwise be rendered once per turn.
+        long session would otherwise be rendered once per turn. The system prompt goes first when
+        the newest turn would not fit beside it: the user's message matters more.
         """
         context = self.backend.context_length
         budget = context - self.sampling.max_tokens
         if budget <= 0:
             raise ChatError(f"max_tokens ({self.sampling.max_tokens}) leaves no room for a prompt in the "
                             f"model's {context}-token context: lower max_tokens in config.toml")
-        measured: dict[int, tuple[str, int]] = {}
+        measured: dict[tuple[int, str | None], tuple[str, int]] = {}
+        system = self.system
 
         def measure(turns: int) -> tuple[str, int]:
-            if turns not in measured:
-                prompt = self.backend.render_chat(self._history[-turns:], add_generation_prompt=True)
-                measured[turns] = (prompt, self.backend.count_tokens(prompt))
-            return measured[turns]
+            if (turns, system) not in measured:
+                prompt = self.backend.render_chat(framed(self._history[-turns:], system),
+                                                  add_generation_prompt=True)
+                measured[turns, system] = (prompt, self.backend.count_tokens(prompt))
+            return measured[turns, system]
 
+        if system is not None and measure(1)[1] > budget:
+            system = None
         newest_tokens = measure(1)[1]
         if newest_tokens > budget:
             recorded = "" if self.private else "it was recorded, but "

@@ -289,6 +289,20 @@ def model_use(ctx: typer.Context, ref: Annotated[str, typer.Argument(metavar="MO
     print(f"model set to {model.ref}")
 
 
+@model_app.command("import")
+def model_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(metavar="FILE.gguf", help="A GGUF of a Llama, Qwen2, Qwen3 or Gemma 3 model.")],
+    name: Annotated[Optional[str], typer.Option(help="The model's name (default: from the file).")] = None,
+) -> None:
+    """Make a GGUF file a model that chats and sleeps: dequantized once into the data folder."""
+    from assistant.models import import_model
+
+    with _ModelProgress() as progress:
+        model = import_model(file, workspace(ctx).paths, name=name, progress=progress)
+    print(f"imported {file} as {model.ref}; use it with `somnus model use {model.ref}`")
+
+
 @app.command("sleep")
 def sleep_command(
     ctx: typer.Context,
@@ -310,6 +324,9 @@ def sleep_command(
         print(f"{state}; {len(pending)} session(s) to consolidate; last sleep: "
               f"{(last or {}).get('status', 'never')}. Run `somnus sleep --now` to sleep at once.")
         return
+    from assistant.models import require_trainable, resolve_model
+
+    require_trainable(resolve_model(ws.config.model, ws.paths), "sleep")  # at once, not in the sleep's log
     if json_output:
         report = sleep_now(ws.paths, ws.config, steps=steps)
         _print_json(report.record())
@@ -436,22 +453,25 @@ def bench_model(
     babi: Annotated[Optional[Path], typer.Option("--babi", help="Folder with the bAbI qa1 test file.")] = None,
     engine: Annotated[str, typer.Option(help="Engine that answers: torch, llamacpp or mlx.")] = "torch",
     sessions: Annotated[int, typer.Option(help="Held-out generated sessions to ask about.")] = 100,
+    stories: Annotated[int, typer.Option(help="bAbI qa1 stories to read (at most).")] = 200,
     parity: Annotated[bool, typer.Option(help="Also compare greedy tokens of torch and llama.cpp.")] = True,
 ) -> None:
     """In-context and no-context recall of the model, on generated held-out data and on bAbI qa1."""
     from assistant.bench import model as model_bench
-    from assistant.models import gguf_for, resolve_model
+    from assistant.models import gguf_for, local_model, require_trainable
+    from assistant.persona import system_prompt
     from backends.select import is_installed, open_backend
 
     ws = workspace(ctx)
-    model = resolve_model(ws.config.model, ws.paths)
-    if model.kind == "gguf":
-        raise SomnusError("somnus bench model needs a Hugging Face model folder (the torch engine is the reference)")
+    with _ModelProgress() as progress:
+        model = local_model(ws.config.model, ws.paths, progress)
+    require_trainable(model, "somnus bench model")  # the torch engine, the reference, reads model folders
     gguf = gguf_for(model, ws.paths) if (parity or engine == "llamacpp") and is_installed("llamacpp") else None
     backend = open_backend(engine, hf_dir=model.path, gguf_path=gguf)
     try:
-        model_bench.run(backend, babi_dir=babi, sessions=sessions, json_path=json_path,
-                        parity=(model.path, gguf) if parity and gguf else None)
+        model_bench.run(backend, babi_dir=babi, sessions=sessions, babi_stories=stories, json_path=json_path,
+                        parity=(model.path, gguf) if parity and gguf else None,
+                        system=system_prompt(model.ref, ws.config.system_prompt))
     finally:
         backend.close()
 
@@ -470,12 +490,12 @@ def bench_sleep(
 ) -> None:
     """Does sleep work? Recall without context after sleep, against reading, fine-tuning and more, night after night."""
     from assistant.bench import sleep as sleep_bench
-    from assistant.models import resolve_model
+    from assistant.models import local_model, require_trainable
 
     ws = workspace(ctx)
-    model = resolve_model(ws.config.model, ws.paths)
-    if model.kind == "gguf":
-        raise SomnusError("somnus bench sleep trains, so it needs a Hugging Face model folder, not a GGUF file")
+    with _ModelProgress() as progress:
+        model = local_model(ws.config.model, ws.paths, progress)
+    require_trainable(model, "somnus bench sleep")
     bench = sleep_bench.BenchSettings(seed=seed, nights=nights, babi_nights=babi_nights, sessions=sessions,
                                       facts=facts, steps=steps or sleep_bench.BenchSettings.steps)
     sleep_bench.run(ws.config.with_overrides(model=str(model.path)), bench, babi_dir=babi, json_path=json_path)
@@ -485,13 +505,13 @@ def bench_sleep(
 def bench_engines(ctx: typer.Context, json_path: JsonPathOption = None) -> None:
     """Tokens per second and first-token latency of torch and llama.cpp on the same model."""
     from assistant.bench import engines
-    from assistant.models import gguf_for, resolve_model
+    from assistant.models import gguf_for, local_model, require_trainable
     from backends.select import is_installed
 
     ws = workspace(ctx)
-    model = resolve_model(ws.config.model, ws.paths)
-    if model.kind == "gguf":
-        raise SomnusError("somnus bench engines needs a Hugging Face model folder (torch runs it too)")
+    with _ModelProgress() as progress:
+        model = local_model(ws.config.model, ws.paths, progress)
+    require_trainable(model, "somnus bench engines")  # torch runs it too
     engines.run(model.path, json_path=json_path,
                 gguf_path=gguf_for(model, ws.paths) if is_installed("llamacpp") else None)
 
@@ -554,20 +574,56 @@ def _chat_store(ws: Workspace, session_id: int | None, private: bool) -> Abstrac
 def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, private: bool) -> Iterator[Chat]:
     """A Chat on a freshly loaded engine, which is closed again afterwards."""
     from assistant.chat import Chat, sampling_from
+    from assistant.crashes import ReplyJournal
     from assistant.models import open_chat_backend
+    from assistant.persona import system_prompt
 
     if store is not None and session_id is not None:
         store.session(session_id)  # fail on a wrong id before spending time loading a model
-    if store is None and ws.paths.database.exists():  # a private chat still knows what sleep taught
-        with _open_store(ws) as knowledge:
-            backend, model = open_chat_backend(ws.config, ws.paths, knowledge)
-    else:
-        backend, model = open_chat_backend(ws.config, ws.paths, store)
+    journal = ReplyJournal(ws.paths.replying)
+    for line in journal.crashed():
+        print(f"somnus: {line}", file=sys.stderr)
+    with _ModelProgress() as progress:
+        if store is None and ws.paths.database.exists():  # a private chat still knows what sleep taught
+            with _open_store(ws) as knowledge:
+                backend, model = open_chat_backend(ws.config, ws.paths, knowledge, progress)
+        else:
+            backend, model = open_chat_backend(ws.config, ws.paths, store, progress)
     try:
         yield Chat(backend, model=model.ref, store=store, session_id=session_id,
-                   sampling=sampling_from(ws.config), private=private)
+                   sampling=sampling_from(ws.config), private=private,
+                   system=system_prompt(model.ref, ws.config.system_prompt), journal=journal)
     finally:
         backend.close()
+
+
+class _ModelProgress:
+    """A progress bar on stderr while a model is made ready (imported, exported for llama.cpp), for the
+    block it wraps; none where stderr is not a terminal (scripts read one line only, on an error)."""
+
+    def __init__(self) -> None:
+        self._console = Console(stderr=True)
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> _ModelProgress:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self._console.is_terminal:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        if self._bar is None:
+            self._bar = Progress(TextColumn("preparing the model: {task.description}"), BarColumn(),
+                                 console=self._console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(stage, total=1.0)
+        self._bar.update(self._task, description=stage, completed=fraction)
 
 
 def _engines(requested: str) -> tuple[tuple[str, str] | None, str | None]:

@@ -21,6 +21,8 @@ from typing import Literal, get_args
 import platformdirs
 import tomli_w
 
+from assistant.persona import DEFAULT_SYSTEM_PROMPT
+
 APP_NAME = "somnus"
 HOME_ENV = "SOMNUS_HOME"
 BackendName = Literal["auto", "torch", "llamacpp", "mlx"]
@@ -60,6 +62,11 @@ class Paths:
         return self.home / "models"
 
     @property
+    def replying(self) -> Path:
+        """Marks of replies in flight, so a reply an engine crash cut short is told at the next start."""
+        return self.home / "replying"
+
+    @property
     def cache(self) -> Path:
         """Derived files that can be rebuilt at any time (GGUF exports)."""
         return self.home / "cache"
@@ -69,7 +76,7 @@ class Paths:
 class Config:
     """The user's settings; the defaults need no editing."""
 
-    model: str = "nano"
+    model: str = "smollm2"
     backend: str = "auto"
     max_tokens: int = 256
     temperature: float = 0.0
@@ -77,6 +84,7 @@ class Config:
     idle_minutes: int = 30
     sleep_window: str = "01:00-06:00"
     sleep_after_sessions: int = 10  # this many sessions not yet slept on: sleep at any hour once idle
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" sends none
 
     def with_overrides(self, **overrides: object) -> Config:
         """This config with the given values replaced, skipping those that are ``None`` (unset flags)."""
@@ -180,4 +188,6 @@ SETTING_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "sleep_window": (lambda value: isinstance(value, str) and bool(_SLEEP_WINDOW.match(value)),
                      'must look like "01:00-06:00"'),
     "sleep_after_sessions": (_is_positive_integer, "must be a positive integer"),
+    "system_prompt": (lambda value: isinstance(value, str) and len(value) <= 4000,
+                      'must be a string of at most 4000 characters ("" sends none)'),
 }

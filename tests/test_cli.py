@@ -269,4 +269,4 @@ def test_unusable_models_are_one_line(home, model, expected):
 
 @pytest.mark.skipif((models.NANO_DIR / "config.json").exists(), reason="the nano model is built")
 def test_the_default_model_says_how_to_build_it_until_it_ships(home):
-    assert "python -m assistant.nano.train" in error_line(somnus(home, "ask", "hello"))
+    assert "python -m assistant.nano.train" in error_line(somnus(home, "--model", "nano", "ask", "hello"))

@@ -52,7 +52,7 @@ def test_a_file_where_the_data_folder_should_be_is_refused(tmp_path):
 def test_defaults_need_no_file(somnus_home):
     config = load_config(open_paths())
     assert config == Config()
-    assert (config.model, config.backend, config.temperature) == ("nano", "auto", 0.0)
+    assert (config.model, config.backend, config.temperature) == ("smollm2", "auto", 0.0)
     assert (config.idle_minutes, config.sleep_window, config.sleep_after_sessions) == (30, "01:00-06:00", 10)
     assert not (somnus_home / "config.toml").exists()
 

@@ -135,7 +135,7 @@ def test_known_models_list_the_bundled_the_pulled_and_the_current(paths, tiny_mo
     monkeypatch.setattr(models, "NANO_DIR", tmp_path / "nano-model")
     shutil.copytree(tiny_model_dir, hub_folder("someone/tiny", paths))
     listed = {row["ref"]: row for row in known_models(paths, current=str(tiny_model_dir))}
-    assert list(listed) == ["nano", "someone/tiny", str(tiny_model_dir)]
+    assert list(listed) == ["smollm2", "nano", "someone/tiny", str(tiny_model_dir)]
     assert not listed["nano"]["ready"] and "assistant.nano.train" in listed["nano"]["problem"]
     assert listed["someone/tiny"]["ready"] and not listed["someone/tiny"]["current"]
     assert listed[str(tiny_model_dir)]["current"] and listed[str(tiny_model_dir)]["kind"] == "folder"

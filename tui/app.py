@@ -23,6 +23,8 @@ from textual.widgets.markdown import MarkdownStream
 
 from assistant.chat import Chat, sampling_from
 from assistant.config import Config, Paths, SomnusError
+from assistant.crashes import ReplyJournal
+from assistant.persona import system_prompt
 from assistant.scheduler import Clock, SleepOutcome, SleepScheduler, describe_outcome, local_now
 from assistant.store import Store, open_store
 from tui.commands import SlashSuggester
@@ -75,6 +77,7 @@ class SomnusApp(SlashCommands, App[None]):
             **({} if check_every is None else {"check_every": check_every}),
         )
         self.last_sleep: SleepOutcome | None = None
+        self.journal = ReplyJournal(paths.replying)
         self._cancel = threading.Event()
         self._replying = False
 
@@ -98,6 +101,8 @@ class SomnusApp(SlashCommands, App[None]):
         self.query_one("#prompt", Input).focus()
         await self._show_conversation()
         self.refresh_status()
+        for line in self.journal.crashed():
+            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)
 
     def on_ready(self) -> None:
         """After the first frame: loading the model (torch's import holds the GIL for seconds) would
@@ -183,8 +188,9 @@ class SomnusApp(SlashCommands, App[None]):
         if conversation.chat is None:
             conversation.chat = Chat(backend, model=model.ref, store=None if conversation.private else self.store,
                                      session_id=conversation.session_id, sampling=sampling_from(self.engine.config),
-                                     private=conversation.private)
+                                     private=conversation.private, journal=self.journal)
         conversation.chat.backend, conversation.chat.model = backend, model.ref
+        conversation.chat.system = system_prompt(model.ref, self.engine.config.system_prompt)
         return conversation.chat
 
     async def _reply_ended(self, text: str, turn: AssistantTurn, stream: MarkdownStream, reply: Any,

@@ -1,7 +1,9 @@
 """``somnus bench model``: how well a model recalls in context, and how little it knows without.
 
 One table, one JSON object. Keys (fractions in [0, 1] unless named otherwise):
-``in_context_generated``, ``in_context_babi`` (None when no bAbI file is found), ``no_context_heldout``,
+``in_context_generated``, ``in_context_babi`` (None when no bAbI file is found), both read the way
+the chat reads, after ``system_prompt`` (the text, or None); ``without_system_prompt`` = the same
+two read without it (None when there is none), ``no_context_heldout``,
 ``chance``, ``question_quality`` (questions it writes about a session that are well formed and
 answerable from it), ``engine_agreement`` (greedy first tokens equal on torch and llama.cpp, None when
 llama.cpp is not installed), ``seconds`` and the settings of the run.
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from assistant.nano import evaluate
+from assistant.persona import framed
 from assistant.nano.world import QUESTION_REQUESTS, Session, World
 from backends.base import Backend, Sampling
 
@@ -26,9 +29,9 @@ GREEDY = Sampling(max_tokens=48, temperature=0.0)
 QUESTION_LINE = re.compile(r"^\s*\d+[.)]\s*(.+?)\s*$")
 
 
-def backend_reply(backend: Backend, sampling: Sampling = GREEDY) -> evaluate.Reply:
+def backend_reply(backend: Backend, sampling: Sampling = GREEDY, system: str | None = None) -> evaluate.Reply:
     def reply(messages: list[dict]) -> str:
-        return "".join(backend.stream(backend.render_chat(messages), sampling))
+        return "".join(backend.stream(backend.render_chat(framed(messages, system)), sampling))
 
     return reply
 
@@ -49,7 +52,8 @@ def question_quality(reply: evaluate.Reply, sessions: Sequence[Session]) -> floa
     return good / max(total, 1)
 
 
-def engine_agreement(hf_dir: Path, gguf_path: Path, prompts: Sequence[list[dict]], tokens: int = 20) -> float:
+def engine_agreement(hf_dir: Path, gguf_path: Path, prompts: Sequence[list[dict]], tokens: int = 20,
+                     system: str | None = None) -> float:
     """Share of prompts whose first ``tokens`` greedy tokens are identical on torch and llama.cpp."""
     from backends.select import open_backend
 
@@ -59,7 +63,7 @@ def engine_agreement(hf_dir: Path, gguf_path: Path, prompts: Sequence[list[dict]
     try:
         same = 0
         for messages in prompts:
-            prompt = torch_engine.render_chat(messages)
+            prompt = torch_engine.render_chat(framed(messages, system))
             same += "".join(torch_engine.stream(prompt, sampling)) == "".join(llama_engine.stream(prompt, sampling))
         return same / max(len(prompts), 1)
     finally:
@@ -75,29 +79,36 @@ def run(
     sessions: int = 100,
     babi_stories: int = 200,
     parity: tuple[Path, Path] | None = None,
+    system: str | None = None,
     json_path: Path | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Measure ``backend``; ``parity`` = (HF folder, GGUF file) adds the torch/llama.cpp agreement."""
+    """Measure ``backend`` as the chat frames it (after ``system``, when given, and again without it);
+    ``parity`` = (HF folder, GGUF file) adds the torch/llama.cpp agreement."""
     console = console or Console(stderr=True)
     started = time.time()
-    reply = backend_reply(backend)
+    reply = backend_reply(backend, system=system)
     held_out = evaluate.heldout_sessions(seed, sessions)
     probes = evaluate.fact_probes(held_out)
     babi_file = evaluate.find_babi(babi_dir)
+    stories = evaluate.read_babi(babi_file)[:babi_stories] if babi_file else []
+
+    def reading(answer: evaluate.Reply) -> dict:
+        return {"in_context_generated": evaluate.in_context_accuracy(answer, held_out),
+                "in_context_babi": evaluate.babi_accuracy(answer, stories) if stories else None}
+
     result: dict = {
         "engine": backend.name,
         "seed": seed,
         "sessions": sessions,
-        "in_context_generated": evaluate.in_context_accuracy(reply, held_out),
+        "system_prompt": system,
+        **reading(reply),
+        "without_system_prompt": reading(backend_reply(backend)) if system else None,
         "no_context_heldout": evaluate.no_context_accuracy(reply, probes),
         "chance": evaluate.chance(probes),
-        "in_context_babi": None,
         "babi_file": str(babi_file) if babi_file else None,
     }
-    if babi_file:
-        stories = evaluate.read_babi(babi_file)[:babi_stories]
-        result["in_context_babi"] = evaluate.babi_accuracy(reply, stories)
+    if stories:
         result["babi_stories"] = len(stories)
     question_world = World(seed + 1, heldout=True)
     question_sessions = [question_world.telling_session(4) for _ in range(30)]
@@ -105,7 +116,7 @@ def run(
     result["engine_agreement"] = None
     if parity:
         prompts = [s.chat()[: s.probes[0].at] for s in held_out[:20] if s.probes]
-        result["engine_agreement"] = engine_agreement(*parity, prompts)
+        result["engine_agreement"] = engine_agreement(*parity, prompts, system=system)
     result["seconds"] = round(time.time() - started, 1)
     _print(result, console)
     if json_path:
@@ -117,17 +128,21 @@ def _print(result: dict, console: Console) -> None:
     table = Table(title=f"Somnus model benchmark ({result['engine']})")
     table.add_column("measure")
     table.add_column("value", justify="right")
+    plain = result["without_system_prompt"] or {}
+    framing = ", with the system prompt" if result["system_prompt"] else ""
     rows = [
-        ("in-context accuracy, generated held-out", "in_context_generated"),
-        ("in-context accuracy, bAbI qa1", "in_context_babi"),
-        ("no-context accuracy, held-out entities", "no_context_heldout"),
-        ("chance", "chance"),
-        ("written questions well formed and answerable", "question_quality"),
-        ("torch / llama.cpp greedy agreement", "engine_agreement"),
+        (f"in-context accuracy, generated held-out{framing}", result["in_context_generated"]),
+        ("  without the system prompt", plain.get("in_context_generated", "skip")),
+        (f"in-context accuracy, bAbI qa1{framing}", result["in_context_babi"]),
+        ("  without the system prompt", plain.get("in_context_babi", "skip")),
+        ("no-context accuracy, held-out entities", result["no_context_heldout"]),
+        ("chance", result["chance"]),
+        ("written questions well formed and answerable", result["question_quality"]),
+        ("torch / llama.cpp greedy agreement", result["engine_agreement"]),
     ]
-    for label, key in rows:
-        value = result[key]
-        table.add_row(label, "n/a" if value is None else f"{value:.1%}")
+    for label, value in rows:
+        if value != "skip":
+            table.add_row(label, "n/a" if value is None else f"{value:.1%}")
     if result["babi_file"] is None:
         table.add_row("bAbI qa1", "no bAbI file found (use --babi DIR)")
     table.add_row("seconds", f"{result['seconds']:.1f}")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from assistant.config import Config, Paths
-from assistant.models import ModelError, resolve_model
+from assistant.models import local_model, require_trainable
 from assistant.nano.world import World
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
@@ -124,9 +124,8 @@ def _night(paths, config, store, run_id, settings, progress, open_trainer, dream
     pending = ledger.unconsolidated_sessions()
     if not pending:
         return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
-    model = resolve_model(config.model, paths)
-    if model.kind == "gguf":
-        raise ModelError(f"sleep trains a Hugging Face model folder; {model.path} is a GGUF file")
+    model = local_model(config.model, paths)
+    require_trainable(model, "sleep")
     stack = blocks.live_stack(store)
     if stack.blocks and not blocks.grown_on(stack, model):
         # Blocks trained on other weights mean nothing to these: grow a fresh stack. The old one

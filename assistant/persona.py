@@ -1,0 +1,37 @@
+"""Who the model is told it is: Somnus's system prompt, put before every conversation it reads.
+
+A small chat model that is told "My sister is called Zara" often answers about itself ("I'm a
+helpful AI named SmolLM"), which its own default system prompt invites. Somnus says instead that it
+is the user's personal assistant and that what the user says about themselves is about the user.
+The same framing goes before the day's chats and before the sleep's prompts, so what a night
+teaches is asked for the way the day asks. The bundled nano model was trained without a system
+turn, so it gets none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Somnus, the user's personal assistant, running privately on their own computer. "
+    "The user is the person writing to you: when they say \"I\", \"me\" or \"my\", they mean "
+    "themselves, not you. Remember what they tell you about their life, family, friends, work and "
+    "plans, and use it to answer their questions about themselves. Answer briefly and directly."
+)
+
+NO_SYSTEM_TURN = frozenset({"nano"})  # models trained without a system turn, which one would only confuse
+
+
+def system_prompt(model_ref: str, setting: str) -> str | None:
+    """The system prompt for ``model_ref`` under the ``system_prompt`` setting ("" turns it off)."""
+    if model_ref in NO_SYSTEM_TURN or not setting.strip():
+        return None
+    return setting
+
+
+def framed(messages: Sequence[Mapping[str, str]], system: str | None) -> list[dict[str, str]]:
+    """``messages`` after the system turn, unless there is none or they bring their own."""
+    turns = [dict(message) for message in messages]
+    if system is None or (turns and turns[0].get("role") == "system"):
+        return turns
+    return [{"role": "system", "content": system}, *turns]
