@@ -38,6 +38,8 @@ class MlxBackend:
             raise BackendError(f"{hf_dir}: cannot load the model with mlx-lm ({error})") from error
         if mx.default_device() == mx.cpu:
             self.model.set_dtype(mx.float32)
+        if config.get("model_type") == "gemma3_text" and type(self.model.model.embed_tokens) is nn.Embedding:
+            self.model.model.embed_tokens = _ExactScaleEmbedding(self.model.model.embed_tokens, config["hidden_size"])
         self.context_length = int(config.get("max_position_embeddings", self.tokenizer.model_max_length))
         self.end_token_ids = end_token_ids(self.tokenizer.eos_token_id, self.tokenizer.get_added_vocab())
         self.linears = {  # the model's own layers, put back when adapters change
@@ -120,6 +122,26 @@ class MlxBackend:
         self.model = None
         self.linears = {}
         mx.clear_cache()
+
+
+class _ExactScaleEmbedding(nn.Embedding):
+    """Gemma 3's embedding, whose float32 rows come out scaled by exactly sqrt(hidden) as in transformers.
+
+    mlx-lm multiplies the embedding rows by sqrt(hidden) rounded to bfloat16 (25.25 for 25.30 at
+    width 640), which in float32 moves log-probs ~2e-3 from torch's; float32 rows leave here
+    multiplied by the rounding's inverse. In bfloat16 transformers rounds the scale too, so those
+    rows pass unchanged. The weight (and so the tied output head) is the original one.
+    """
+
+    def __init__(self, embedding: nn.Embedding, hidden_size: int) -> None:
+        super().__init__(*embedding.weight.shape)
+        self.weight = embedding.weight
+        exact = hidden_size**0.5
+        self.correction = exact / mx.array(exact, mx.bfloat16).astype(mx.float32).item()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = super().__call__(x)
+        return rows * self.correction if rows.dtype == mx.float32 else rows
 
 
 def _stacked_lora(linear: nn.Module, parts: list[tuple[LoraBlock, float]]) -> nn.Module:

@@ -42,9 +42,10 @@ def _tiny_config(family: str, tokenizer):
         return Qwen2Config(**shared, rope_theta=1000000.0, tie_word_embeddings=True)
     if family == "qwen3":  # q/k norms; heads wider than hidden/heads, as in Qwen3
         return Qwen3Config(**shared, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=False)
-    if family == "gemma3":  # one sliding layer with a window shorter than the test prompts, one global layer
+    if family == "gemma3":  # one sliding layer with a window shorter than the test prompts, one global layer;
+        # width 96, whose embedding scale sqrt(96) is no bfloat16 number, as at Gemma 3's real widths
         return Gemma3TextConfig(
-            **shared,
+            **{**shared, "hidden_size": 96},
             head_dim=32,
             query_pre_attn_scalar=32,
             sliding_window=16,
