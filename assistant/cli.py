@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -174,11 +175,12 @@ def show(
     if json_output:
         _print_json({"session": session, "messages": messages})
         return
-    print(f"session {session['id']}: {session['title']}  ({session['model']}, {_short_time(session['created'])})")
+    print(_visible(f"session {session['id']}: {session['title']}  ({session['model']}, "
+                   f"{_short_time(session['created'])})"))
     for message in messages:
         status = "" if message["status"] == "complete" else f" [{message['status']}]"
         print(f"\n--- {message['role']}{status} · {_short_time(message['created'])}")
-        print(message["content"])
+        print(_visible(message["content"]))
 
 
 @app.command()
@@ -214,7 +216,7 @@ def export(
         exported = sessions_with_messages(store, ids)
     document = as_json(exported) if format_ == "json" else as_markdown(exported)
     if output is None:
-        sys.stdout.write(document)
+        sys.stdout.write(_visible(document) if format_ == "md" else document)
     else:
         write_private_file(output.expanduser().resolve(), document.encode("utf-8"))
 
@@ -458,8 +460,12 @@ def bench_model(
 ) -> None:
     """In-context and no-context recall of the model, on generated held-out data and on bAbI qa1."""
     from assistant.bench import model as model_bench
-    from assistant.models import gguf_for, local_model, require_trainable
-    from assistant.persona import system_prompt
+    from assistant.models import (
+        gguf_for,
+        local_model,
+        require_trainable,
+        system_prompt_for,
+    )
     from backends.select import is_installed, open_backend
 
     ws = workspace(ctx)
@@ -471,7 +477,7 @@ def bench_model(
     try:
         model_bench.run(backend, babi_dir=babi, sessions=sessions, babi_stories=stories, json_path=json_path,
                         parity=(model.path, gguf) if parity and gguf else None,
-                        system=system_prompt(model.ref, ws.config.system_prompt))
+                        system=system_prompt_for(model, ws.config))
     finally:
         backend.close()
 
@@ -575,8 +581,7 @@ def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, priva
     """A Chat on a freshly loaded engine, which is closed again afterwards."""
     from assistant.chat import Chat, sampling_from
     from assistant.crashes import ReplyJournal
-    from assistant.models import open_chat_backend
-    from assistant.persona import system_prompt
+    from assistant.models import open_chat_backend, system_prompt_for
 
     if store is not None and session_id is not None:
         store.session(session_id)  # fail on a wrong id before spending time loading a model
@@ -592,7 +597,7 @@ def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, priva
     try:
         yield Chat(backend, model=model.ref, store=store, session_id=session_id,
                    sampling=sampling_from(ws.config), private=private,
-                   system=system_prompt(model.ref, ws.config.system_prompt), journal=journal)
+                   system=system_prompt_for(model, ws.config), journal=journal)
     finally:
         backend.close()
 
@@ -664,14 +669,27 @@ def _print_error(error: BaseException) -> None:
 
 
 def _print_json(value: object) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    # JSON escapes C0 controls itself; C1 ones (a lone CSI, 0x9b) would reach the terminal raw.
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    sys.stdout.write(_C1_CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text) + "\n")
 
 
 def _print_table(columns: list[str], rows: list[list[object]]) -> None:
     table = Table(*columns, box=None, pad_edge=False)
     for row in rows:
-        table.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
+        table.add_row(*(Text(_visible("" if cell is None else str(cell))) for cell in row))
     Console().print(table)
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_C1_CONTROLS = re.compile(r"[\x80-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """Stored text as the terminal should show it: control characters (an escape sequence pasted by
+    mistake or on purpose could retitle, clear or reprogram the terminal) become visible escapes;
+    line breaks and tabs stay."""
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _short_time(stamp: str) -> str:

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from assistant.config import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, Config, Paths, SomnusError, ensure_private_dir
+from assistant.config import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    Config,
+    Paths,
+    SomnusError,
+    ensure_private_dir,
+)
 
 if TYPE_CHECKING:
     from backends.base import Backend
@@ -288,6 +295,14 @@ def open_chat_backend(config: Config, paths: Paths, store=None,
 
         backend.set_adapters(live_adapters(store, model))
     return backend, model
+
+
+def system_prompt_for(model: Model, config: Config) -> str | None:
+    """The system prompt ``model`` reads: the setting ("" sends none), except for nano, which was
+    trained without a system turn (by path too: benches name it by its folder)."""
+    if model.kind == "nano" or model.path.resolve() == NANO_DIR.resolve() or not config.system_prompt.strip():
+        return None
+    return config.system_prompt
 
 
 def require_trainable(model: Model, what: str) -> None:

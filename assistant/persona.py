@@ -5,7 +5,7 @@ helpful AI named SmolLM"), which its own default system prompt invites. Somnus s
 is the user's personal assistant and that what the user says about themselves is about the user.
 The same framing goes before the day's chats and before the sleep's prompts, so what a night
 teaches is asked for the way the day asks. The bundled nano model was trained without a system
-turn, so it gets none.
+turn, so it gets none (``models.system_prompt_for``).
 """
 
 from __future__ import annotations
@@ -18,16 +18,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "themselves, not you. Remember what they tell you about their life, family, friends, work and "
     "plans, and use it to answer their questions about themselves. Answer briefly and directly."
 )
-
-NO_SYSTEM_TURN = frozenset({"nano"})  # models trained without a system turn, which one would only confuse
-
-
-def system_prompt(model_ref: str, setting: str) -> str | None:
-    """The system prompt for ``model_ref`` under the ``system_prompt`` setting ("" turns it off)."""
-    if model_ref in NO_SYSTEM_TURN or not setting.strip():
-        return None
-    return setting
-
 
 def framed(messages: Sequence[Mapping[str, str]], system: str | None) -> list[dict[str, str]]:
     """``messages`` after the system turn, unless there is none or they bring their own."""

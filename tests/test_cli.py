@@ -270,3 +270,19 @@ def test_unusable_models_are_one_line(home, model, expected):
 @pytest.mark.skipif((models.NANO_DIR / "config.json").exists(), reason="the nano model is built")
 def test_the_default_model_says_how_to_build_it_until_it_ships(home):
     assert "python -m assistant.nano.train" in error_line(somnus(home, "--model", "nano", "ask", "hello"))
+
+
+def test_control_sequences_in_what_was_said_reach_the_terminal_as_visible_text(home):
+    hostile = "retitle \x1b]0;pwned\x07 and clear \x1b[2J and a lone CSI \x9b31m done"
+    with Store(home / "somnus.db") as store:
+        session = store.create_session(model="tiny\x1b[31m")
+        store.add_message(session, "user", hostile)
+    for args in (["sessions"], ["show", "1"], ["search", "pwned"], ["export", "1"],
+                 ["show", "1", "--json"], ["sessions", "--json"]):
+        shown = out(somnus(home, *args))
+        assert not any(ch in shown for ch in "\x1b\x07\x9b"), args
+        assert "pwned" in shown, args
+    assert "retitle \\x1b]0;pwned\\x07 and clear \\x1b[2J and a lone CSI \\x9b31m done" in out(somnus(home, "show", "1"))
+    assert json.loads(out(somnus(home, "show", "1", "--json")))["messages"][0]["content"] == hostile
+    with Store(home / "somnus.db") as store:
+        assert store.messages(session)[0]["content"] == hostile  # stored unchanged

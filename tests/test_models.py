@@ -197,3 +197,14 @@ def test_a_gguf_model_picks_llamacpp_on_auto_and_is_refused_by_torch(paths, tiny
 def test_an_engine_that_is_not_installed_says_what_to_install(paths, tiny_model_dir):
     with pytest.raises(BackendError, match=r"somnus\[mlx\]"):
         open_chat_backend(Config(model=str(tiny_model_dir), backend="mlx"), paths)
+
+
+def test_the_system_prompt_is_the_setting_except_for_nano_which_never_saw_one(paths, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(models, "NANO_DIR", tiny_model_dir)
+    folder = resolve_model(str(tiny_model_dir), paths)  # nano named by its folder, as the benches do
+    assert models.system_prompt_for(resolve_model("nano", paths), Config()) is None
+    assert models.system_prompt_for(folder, Config()) is None
+    other = models.Model("mine", "imported", tiny_model_dir.parent / "elsewhere")
+    assert models.system_prompt_for(other, Config()) == Config().system_prompt
+    assert models.system_prompt_for(other, Config(system_prompt="Be brief.")) == "Be brief."
+    assert models.system_prompt_for(other, Config(system_prompt="  ")) is None

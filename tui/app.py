@@ -24,8 +24,14 @@ from textual.widgets.markdown import MarkdownStream
 from assistant.chat import Chat, sampling_from
 from assistant.config import Config, Paths, SomnusError
 from assistant.crashes import ReplyJournal
-from assistant.persona import system_prompt
-from assistant.scheduler import Clock, SleepOutcome, SleepScheduler, describe_outcome, local_now
+from assistant.models import system_prompt_for
+from assistant.scheduler import (
+    Clock,
+    SleepOutcome,
+    SleepScheduler,
+    describe_outcome,
+    local_now,
+)
 from assistant.store import Store, open_store
 from tui.commands import SlashSuggester
 from tui.conversation import Conversation
@@ -190,7 +196,7 @@ class SomnusApp(SlashCommands, App[None]):
                                      session_id=conversation.session_id, sampling=sampling_from(self.engine.config),
                                      private=conversation.private, journal=self.journal)
         conversation.chat.backend, conversation.chat.model = backend, model.ref
-        conversation.chat.system = system_prompt(model.ref, self.engine.config.system_prompt)
+        conversation.chat.system = system_prompt_for(model, self.engine.config)
         return conversation.chat
 
     async def _reply_ended(self, text: str, turn: AssistantTurn, stream: MarkdownStream, reply: Any,

@@ -17,12 +17,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from assistant.config import Config, Paths
-from assistant.models import local_model, require_trainable
+from assistant.models import local_model, require_trainable, system_prompt_for
 from assistant.nano.world import World
+from assistant.persona import framed
 from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import (GateSettings, Measurement, Probe, Verdict, better, decide, fits, hits, in_context,
-                                  kept_share, measure)
+from assistant.sleep.gate import (
+    GateSettings,
+    Measurement,
+    Probe,
+    Verdict,
+    better,
+    decide,
+    fits,
+    hits,
+    in_context,
+    kept_share,
+    measure,
+)
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate
 from assistant.store import Store
@@ -138,11 +150,18 @@ def _night(paths, config, store, run_id, settings, progress, open_trainer, dream
         open_trainer = functools.partial(open_engine_trainer, choose_engines(config.backend)[1])
     trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr,
                            seed=settings.seed)
+    system = system_prompt_for(model, config)
+    if system is not None:  # the night's prompts read as the day's chat does
+        trainer.render_chat = functools.partial(_render_framed, trainer.render_chat, system)
     try:
         return _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model,
                                      dream_reward)
     finally:
         trainer.close()
+
+
+def _render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
+    return render(framed(messages, system), add_generation_prompt=add_generation_prompt)
 
 
 def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, settings, progress, model,
