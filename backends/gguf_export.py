@@ -3,8 +3,8 @@
 llama.cpp only reads GGUF, while the rest of Somnus (training, the torch and mlx engines) speaks
 Hugging Face safetensors and PEFT. This module is the one bridge, written on the ``gguf`` package:
 hyperparameters under llama.cpp's key names, tensors under llama.cpp's names (the ``gguf``
-package's name map of the model's architecture), the tokenizer as a GPT-2 style BPE vocabulary,
-and LoRA adapters in llama.cpp's adapter layout. The families it knows are those of ``_FAMILIES``
+package's name map of the model's architecture), the tokenizer as a byte-level BPE vocabulary
+(split like GPT-2, Llama 3 or Qwen2), and LoRA adapters in llama.cpp's adapter layout. The families it knows are those of ``_FAMILIES``
 (Llama, Qwen2/2.5, Qwen3); any other architecture is refused by name.
 
 Layout details that matter for equal outputs across engines:
@@ -63,6 +63,11 @@ _REFUSED = {
         "Gemma3ForCausalLM",
         "llama.cpp's CPU GELU reads an fp16 table, so its log-probs stray ~1e-3 from torch's; use torch or mlx",
     ),
+}
+# Split regexes of byte-level BPE tokenizers -> llama.cpp's tokenizer.ggml.pre for the same split.
+_SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
 }
 _DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
 _IGNORED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -225,9 +230,12 @@ def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, con
     tokenizer = _read_json(tokenizer_path)
     tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
     model = tokenizer.get("model") or {}
-    pre = tokenizer.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise BackendError(f"{tokenizer_path}: only GPT-2 style byte-level BPE tokenizers can be exported")
+    pre_name = _pre_tokenizer_name(tokenizer.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or pre_name is None:
+        raise BackendError(
+            f"{tokenizer_path}: only byte-level BPE tokenizers that split text like GPT-2, Llama 3 or Qwen2 "
+            "can be exported"
+        )
 
     ids = {token: int(i) for token, i in model["vocab"].items()}
     added_types = {}
@@ -244,7 +252,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, con
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
@@ -258,6 +266,26 @@ def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, con
     template = _chat_template(hf_dir, tokenizer_config)
     if template:
         writer.add_chat_template(template)
+
+
+def _pre_tokenizer_name(pre: dict) -> str | None:
+    """llama.cpp's name for how the tokenizer splits text before BPE, or None for a split it lacks.
+
+    GPT-2's split is ByteLevel's own regex; Llama 3 and Qwen2 (also Qwen2.5 and Qwen3) put their
+    regex in a Split before a regex-free ByteLevel, as their tokenizer.json files and transformers'
+    GGUF import write them.
+    """
+    if pre.get("type") == "ByteLevel":
+        return "gpt-2" if pre.get("use_regex", True) else None
+    parts = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(parts) != 2:
+        return None
+    split, byte_level = parts
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True) or byte_level.get("add_prefix_space"):
+        return None
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
+        return None
+    return _SPLITS.get((split.get("pattern") or {}).get("Regex"))
 
 
 def _special_token_id(role: str, tokenizer_config: dict, config: dict, ids: dict[str, int]) -> int | None:

@@ -67,10 +67,11 @@ def test_metadata_describes_a_llama_with_its_chat_tokenizer(tiny_gguf, hf_tokeni
     assert oct(tiny_gguf.stat().st_mode & 0o777) == "0o600"
 
 
-def test_llamacpp_tokenizes_exactly_like_transformers(tiny_gguf, hf_tokenizer):
+def assert_llamacpp_tokenizes_like(gguf_path: Path, hf_tokenizer) -> None:
+    """llama.cpp's tokens of TEXTS and of a chat are transformers' own, and decode back to the text."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(tiny_gguf), vocab_only=True, verbose=False)
+    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     for text in TEXTS:
         expected = hf_tokenizer.encode(text, add_special_tokens=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
@@ -81,6 +82,41 @@ def test_llamacpp_tokenizes_exactly_like_transformers(tiny_gguf, hf_tokenizer):
     expected = hf_tokenizer.encode(chat, add_special_tokens=False)
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == expected
     llm.close()
+
+
+def test_llamacpp_tokenizes_exactly_like_transformers(tiny_gguf, hf_tokenizer):
+    assert_llamacpp_tokenizes_like(tiny_gguf, hf_tokenizer)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_llama3_and_qwen2_splits_tokenize_like_transformers(pre, tiny_model_dir, tmp_path):
+    """A tokenizer with Llama 3's or Qwen2's split, as transformers' GGUF import writes them."""
+    from transformers import AutoTokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_PRE_TOKENIZER_SPLITS,
+    )
+
+    from assistant.nano.tokenizer import save, train_tokenizer
+
+    folder = tmp_path / pre
+    shutil.copytree(tiny_model_dir, folder)
+    # trained on TEXTS, the vocabulary merges digits, which these splits keep apart and GPT-2's does not
+    save(train_tokenizer(TEXTS * 20, vocab_size=400), folder)
+    gpt2_tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS[pre]}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+    ]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    split_tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert any(  # the split matters on these texts
+        split_tokenizer.encode(text, add_special_tokens=False) != gpt2_tokenizer.encode(text, add_special_tokens=False)
+        for text in TEXTS
+    )
+    exported = export_model(folder, tmp_path / f"{pre}.gguf")
+    assert gguf.GGUFReader(exported).fields["tokenizer.ggml.pre"].contents() == pre
+    assert_llamacpp_tokenizes_like(exported, split_tokenizer)
 
 
 def test_f32_logits_equal_torch(tiny_model_dir, tiny_gguf, sample_ids):
