@@ -4,8 +4,9 @@ llama.cpp only reads GGUF, while the rest of Somnus (training, the torch and mlx
 Hugging Face safetensors and PEFT. This module is the one bridge, written on the ``gguf`` package:
 hyperparameters under llama.cpp's key names, tensors under llama.cpp's names (the ``gguf``
 package's name map of the model's architecture), the tokenizer as a byte-level BPE vocabulary
-(split like GPT-2, Llama 3 or Qwen2), and LoRA adapters in llama.cpp's adapter layout. The families it knows are those of ``_FAMILIES``
-(Llama, Qwen2/2.5, Qwen3); any other architecture is refused by name.
+(split like GPT-2, Llama 3 or Qwen2), and LoRA adapters in llama.cpp's adapter layout. The
+families it knows are those of ``_FAMILIES`` (Llama, Qwen2/2.5, Qwen3); Gemma 3 and any other
+architecture are refused by name.
 
 Layout details that matter for equal outputs across engines:
 
