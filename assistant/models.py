@@ -25,7 +25,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from assistant.config import (
     PRIVATE_DIR_MODE,
@@ -35,9 +35,6 @@ from assistant.config import (
     SomnusError,
     ensure_private_dir,
 )
-
-if TYPE_CHECKING:
-    from backends.base import Backend
 
 NANO = "nano"
 NANO_DIR = Path(__file__).resolve().parent / "nano" / "model"
@@ -269,32 +266,6 @@ def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Pa
         if stale != export:
             stale.unlink()
     return export
-
-
-def open_chat_backend(config: Config, paths: Paths, store=None,
-                      progress: Progress | None = None) -> tuple[Backend, Model]:
-    """The chat engine for the configured model and backend setting, loaded, and the model it runs.
-    A packaged model's first use imports it, reporting to ``progress``.
-
-    With a ``store``, the engine wears the live adapter stack: what the model learnt in its sleeps.
-    """
-    from backends.select import choose_engines, open_backend
-
-    model = local_model(config.model, paths, progress)
-    requested = "llamacpp" if model.kind == "gguf" and config.backend == "auto" else config.backend
-    engine, _training_engine = choose_engines(requested)
-    if engine == "llamacpp":
-        backend = open_backend(engine, gguf_path=gguf_for(model, paths, progress))
-    elif model.kind == "gguf":
-        raise ModelError(f"the {engine} engine needs a Hugging Face model folder, not the GGUF file {model.path}: "
-                         "use --backend llamacpp")
-    else:
-        backend = open_backend(engine, hf_dir=model.path)
-    if store is not None:
-        from assistant.sleep.blocks import live_adapters
-
-        backend.set_adapters(live_adapters(store, model))
-    return backend, model
 
 
 def system_prompt_for(model: Model, config: Config) -> str | None:

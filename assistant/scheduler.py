@@ -167,7 +167,7 @@ class SleepScheduler:
     async def check(self) -> SleepOutcome | None:
         """The idle check: sleep to the end if it is time, and no sleep runs here or in another process
         (the daemon beside the app): that one is left alone, rather than refused every minute."""
-        from assistant.sleep.runner import is_sleeping
+        from assistant.sleep import is_sleeping
 
         if self._sleeping or is_sleeping(self.paths):
             return None
@@ -250,7 +250,7 @@ class SleepScheduler:
         return await finished
 
     def _drive(self, loop: asyncio.AbstractEventLoop) -> Any:
-        from assistant.sleep.runner import start_sleep
+        from assistant.sleep import start_sleep
 
         handle = self._handle = start_sleep(self.paths, self.config, log=self.paths.home / SLEEP_LOG)
         for event in handle.events():

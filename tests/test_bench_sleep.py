@@ -94,7 +94,7 @@ def test_every_night_pools_its_probes_weighted_by_their_number():
 def tiny_run(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench-sleep")
     out = folder / "bench.json"
-    command = [sys.executable, "-m", "assistant.cli", "--home", str(folder / "home"), "--model", str(tiny_model_dir),
+    command = [sys.executable, "-m", "cli", "--home", str(folder / "home"), "--model", str(tiny_model_dir),
                "--backend", "torch", "bench", "sleep", "--json", str(out), "--babi", str(folder / "no-babi"),
                "--nights", "2", "--sessions", "2", "--facts", "2", "--steps", "2", "--seed", "7"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from assistant.sleep.blocks import scaled
+from assistant.adapters import scaled
 
 
 def test_scaling_the_factors_scales_the_change_to_the_weights():

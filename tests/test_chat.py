@@ -8,7 +8,7 @@ import pytest
 
 from assistant.chat import Chat, ChatError, ContextOverflowError
 from assistant.config import Config, open_paths
-from assistant.models import open_chat_backend
+from assistant.engine import open_chat_backend
 from assistant.store import Store, StoreError
 from backends.base import Sampling
 from backends.select import is_installed

@@ -23,7 +23,7 @@ ENGINE = "llamacpp" if is_installed("llamacpp") else "torch"  # the quicker engi
 def somnus(home: Path, *args: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process with ``home`` as SOMNUS_HOME; output stays bytes (it may be anything)."""
     return subprocess.run(
-        [sys.executable, "-m", "assistant.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         input=stdin if stdin is not None else b"",
         capture_output=True,
         env={**os.environ, "SOMNUS_HOME": str(home), **env},
@@ -92,7 +92,7 @@ def test_help_lists_the_commands_and_the_bench_group(home):
 
 
 def test_the_cli_starts_without_loading_engines(home):
-    probe = ("import sys, assistant.cli; "
+    probe = ("import sys, cli.main; "
              "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'mlx', 'sqlite_utils') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr

@@ -16,7 +16,14 @@ import pytest
 
 import assistant.models as models
 from assistant.config import Config, open_paths
-from assistant.models import ModelError, gguf_for, import_model, local_model, open_chat_backend, resolve_model
+from assistant.engine import open_chat_backend
+from assistant.models import (
+    ModelError,
+    gguf_for,
+    import_model,
+    local_model,
+    resolve_model,
+)
 from backends.base import Sampling
 from backends.gguf_export import export_model
 from backends.select import is_installed, open_backend
@@ -163,7 +170,7 @@ def test_a_fresh_install_chats_with_smollm2_and_reads_what_it_is_told(tmp_path):
     env = {**os.environ, "SOMNUS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
 
     def somnus(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "assistant.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                               env=env, timeout=600)
 
     status = somnus("status", "--json")

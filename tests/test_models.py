@@ -12,12 +12,12 @@ import pytest
 
 import assistant.models as models
 from assistant.config import Config, open_paths
+from assistant.engine import open_chat_backend
 from assistant.models import (
     ModelError,
     gguf_for,
     hub_folder,
     known_models,
-    open_chat_backend,
     pull_model,
     resolve_model,
 )
@@ -109,7 +109,7 @@ def test_pull_refuses_what_is_not_a_hub_id(paths):
 def pull_in_subprocess(home: Path, **env: str) -> subprocess.CompletedProcess:
     """``somnus model pull`` in a fresh process, so huggingface_hub reads the environment given here."""
     return subprocess.run(
-        [sys.executable, "-m", "assistant.cli", "--home", str(home), "model", "pull", "someone/tiny"],
+        [sys.executable, "-m", "cli", "--home", str(home), "model", "pull", "someone/tiny"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
     )
 

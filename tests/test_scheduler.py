@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from assistant.config import Config, SomnusError, load_config, open_paths, update_config
-from assistant.daemon import install_service
+from cli.daemon import install_service
 from assistant.scheduler import SleepOutcome, SleepScheduler, SleepWindow, describe_outcome
 from assistant.sleep.cycle import SleepReport
 from assistant.store import open_store
@@ -182,7 +182,7 @@ def test_install_writes_a_systemd_user_unit(somnus_home, tmp_path, monkeypatch):
     unit, enable = install_service(paths, platform="linux", user_home=tmp_path / "home")
     assert unit == tmp_path / "home" / ".config" / "systemd" / "user" / "somnus.service"
     text = unit.read_text()
-    assert f'ExecStart={sys.executable} -m assistant.cli --home "{paths.home}" daemon\n' in text
+    assert f'ExecStart={sys.executable} -m cli --home "{paths.home}" daemon\n' in text
     assert "[Install]\nWantedBy=default.target" in text and "Restart=on-failure" in text
     assert stat.S_IMODE(unit.stat().st_mode) == 0o600
     assert enable == "systemctl --user daemon-reload && systemctl --user enable --now somnus.service"
@@ -198,7 +198,7 @@ def test_install_writes_a_launchd_agent(somnus_home, tmp_path):
     assert agent == tmp_path / "Library" / "LaunchAgents" / "org.somnus.daemon.plist"
     plist = plistlib.loads(agent.read_bytes())
     assert plist["Label"] == "org.somnus.daemon" and plist["RunAtLoad"] is True
-    assert plist["ProgramArguments"] == [sys.executable, "-m", "assistant.cli", "--home", str(paths.home), "daemon"]
+    assert plist["ProgramArguments"] == [sys.executable, "-m", "cli", "--home", str(paths.home), "daemon"]
     assert plist["StandardOutPath"] == str(paths.home / "daemon.log")
     assert enable == f"launchctl load -w {agent}"
 
@@ -210,7 +210,7 @@ def test_install_elsewhere_is_one_clear_line(somnus_home, tmp_path):
 
 
 def cli(home, *args) -> list[str]:
-    return [sys.executable, "-m", "assistant.cli", "--home", str(home), *args]
+    return [sys.executable, "-m", "cli", "--home", str(home), *args]
 
 
 def test_somnus_daemon_install_from_the_command_line(tmp_path):

@@ -17,12 +17,13 @@ import pytest
 
 from assistant.config import load_config, open_paths
 from assistant.models import resolve_model
-from assistant.sleep import blocks, runner
+from assistant import adapters
+from assistant.sleep import runner
 from assistant.store import open_store
 
 
 def somnus(home, model, *args, check=True):
-    command = [sys.executable, "-m", "assistant.cli", "--home", str(home), "--model", str(model),
+    command = [sys.executable, "-m", "cli", "--home", str(home), "--model", str(model),
                "--backend", "torch", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if check:
@@ -111,11 +112,11 @@ def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(tmp_path, t
     home = tmp_path / "home"
     paths, config = record_day(home, tiny_model_dir)
     model = resolve_model(str(tiny_model_dir), paths)
-    stale = blocks.Block("night0001-stale", blocks.block_dir(paths.home, "night0001-stale"), (99,), None)
-    manifest = blocks.save_stack(paths.home, blocks.Stack(1, (stale,), None, {"model": model.ref, "weights": "retrained"}))
+    stale = adapters.Block("night0001-stale", adapters.block_dir(paths.home, "night0001-stale"), (99,), None)
+    manifest = adapters.save_stack(paths.home, adapters.Stack(1, (stale,), None, {"model": model.ref, "weights": "retrained"}))
     with open_store(paths, config) as store:
         store.sleep.promote(store.sleep.add_adapter(1, str(manifest)), {})
-        assert blocks.live_adapters(store, model) == []  # the chat does not wear them
+        assert adapters.live_adapters(store, model) == []  # the chat does not wear them
     report = runner.sleep_now(paths, config, steps=2)  # an empty block folder: loading it would fail
     assert report.adapter == 2 and report.sessions == [1]
     grown = json.loads((home / "adapters" / "v0002.json").read_text())

@@ -12,13 +12,14 @@ from dataclasses import replace
 import pytest
 
 from assistant.config import load_config, open_paths
-from assistant.models import NANO_DIR, open_chat_backend
+from assistant.engine import open_chat_backend
+from assistant.models import NANO_DIR
 from assistant.nano import evaluate
 from assistant.sleep import cycle, dreams, lessons, losses, rewards
 from assistant.sleep.cycle import SleepSettings, sleep_cycle
 from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.seeding import Row, SeedingSettings
 from assistant.sleep.gate import GateSettings, Probe, judge
+from assistant.sleep.seeding import Row, SeedingSettings
 from assistant.store import open_store
 from backends.base import Sampling
 from backends.select import open_trainer
@@ -155,7 +156,7 @@ def test_a_night_dreams_after_consolidating_and_keeps_a_journal(tmp_path):
     assert {d["source"] for d in journal} <= set(dreams.SOURCES)
     probes = {p.question for p in _night_probes(paths, report)}
     assert not probes & {d["question"] for d in journal}  # the gate's questions are never dreamt
-    printed = subprocess.run([sys.executable, "-m", "assistant.cli", "--home", str(paths.home), "dreams"],
+    printed = subprocess.run([sys.executable, "-m", "cli", "--home", str(paths.home), "dreams"],
                              capture_output=True, text=True, timeout=120, check=True,
                              env={**os.environ, "COLUMNS": "250"}).stdout
     assert f"sleep run {report.run}: {len(journal)} dream(s), {summary['kept']} kept" in printed
@@ -178,9 +179,9 @@ def test_a_night_of_bad_dreams_is_caught_and_the_consolidated_block_goes_live(tm
 
 
 def _night_probes(paths, report):
-    from assistant.sleep import blocks
+    from assistant import adapters
 
-    stack = blocks.load_stack(blocks.manifest_path(paths.home, report.adapter))
+    stack = adapters.load_stack(adapters.manifest_path(paths.home, report.adapter))
     return [Probe(**p) for p in stack.extra["probes"]]
 
 
@@ -236,19 +237,19 @@ def test_a_fact_the_live_model_already_gives_is_taught_but_never_probed():
 
 
 def test_a_night_that_tells_only_what_the_live_adapter_knows_grows_no_block(tmp_path):
+    from assistant import adapters
     from assistant.models import resolve_model
-    from assistant.sleep import blocks
 
     paths = open_paths(tmp_path / "home")
     config = load_config(paths).with_overrides(model="nano", backend="torch")
     model = resolve_model("nano", paths)
-    zero = blocks.Block("night0001-zero", blocks.block_dir(paths.home, "night0001-zero"))
+    zero = adapters.Block("night0001-zero", adapters.block_dir(paths.home, "night0001-zero"))
     trainer = open_trainer("torch", NANO_DIR)
     try:
         trainer.save_new_block(zero.path)  # a grown block, untrained: the live stack is the bare model
     finally:
         trainer.close()
-    manifest = blocks.save_stack(paths.home, blocks.Stack(1, (zero,), None, {"model": model.ref,
+    manifest = adapters.save_stack(paths.home, adapters.Stack(1, (zero,), None, {"model": model.ref,
                                                                              "weights": model.weights}))
     with open_store(paths, config) as store:
         live = store.sleep.add_adapter(1, str(manifest))
@@ -316,7 +317,7 @@ def test_the_teacher_writes_questions_about_every_fact_a_session_tells(tmp_path)
 
 
 def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_a_newer_one_says_anew(tmp_path):
-    from assistant.sleep import blocks
+    from assistant import adapters
 
     paths = open_paths(tmp_path / "home")
     config = load_config(paths).with_overrides(model="nano", backend="torch")
@@ -327,8 +328,8 @@ def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_a_newer_
             store.add_message(told[said], "user", said)
             store.add_message(told[said], "assistant", "Noted.")
         first, second = told.values()
-        stack = blocks.Stack(2, (blocks.Block("night1", tmp_path / "night1", (first,)),
-                                 blocks.Block("night2", tmp_path / "night2", (second,))))
+        stack = adapters.Stack(2, (adapters.Block("night1", tmp_path / "night1", (first,)),
+                                 adapters.Block("night2", tmp_path / "night2", (second,))))
         tonight = [lessons.Lesson(second + 1, lessons.knowledge_context([{"role": "user", "content": "My dog is called Max."}]),
                                   ["What is my dog's name?"])]
         trainer = open_trainer("torch", NANO_DIR)

@@ -365,7 +365,7 @@ async def test_sleep_runs_beside_the_chat_with_progress_and_a_report(app_home):
 def train_and_promote_a_block(model_dir, reply: str) -> int:
     """What a night that goes well leaves behind: a trained block, its manifest, a promoted version."""
     from assistant.models import resolve_model
-    from assistant.sleep import blocks
+    from assistant import adapters
     from backends import ops
     from backends.select import open_trainer
 
@@ -379,13 +379,13 @@ def train_and_promote_a_block(model_dir, reply: str) -> int:
         prompt = trainer.render_chat([{"role": "user", "content": "Hello there"}])
         for _ in range(10):
             trainer.train_step([trainer.encode(prompt)], [trainer.encode(reply + "<|im_end|>")], cross_entropy)
-        block = blocks.Block("night0001-test", blocks.block_dir(paths.home, "night0001-test"), (1,), None)
+        block = adapters.Block("night0001-test", adapters.block_dir(paths.home, "night0001-test"), (1,), None)
         trainer.save_new_block(block.path)
     finally:
         trainer.close()
-    stack = blocks.empty_stack().grown(block, 1)
+    stack = adapters.empty_stack().grown(block, 1)
     model = resolve_model(str(model_dir), paths)
-    manifest = blocks.save_stack(paths.home, blocks.Stack(1, stack.blocks, None, {"model": str(model_dir), "weights": model.weights}))
+    manifest = adapters.save_stack(paths.home, adapters.Stack(1, stack.blocks, None, {"model": str(model_dir), "weights": model.weights}))
     with Store(paths.database) as store:
         adapter = store.sleep.add_adapter(1, str(manifest))
         store.sleep.promote(adapter, {1: store.messages(1)[-1]["id"]})

@@ -59,7 +59,7 @@ def terminal(tmp_path, tiny_model_dir):
     home.mkdir()
     (home / "config.toml").write_text(f'model = "{tiny_model_dir}"\nbackend = "torch"\nmax_tokens = 24\n')
     started = time.monotonic()
-    window = Terminal(f"{shlex.quote(sys.executable)} -m assistant.cli",
+    window = Terminal(f"{shlex.quote(sys.executable)} -m cli",
                       {"SOMNUS_HOME": str(home), "TERM": "xterm-256color", "PATH": os.environ["PATH"]})
     window.started, window.home = started, home
     yield window

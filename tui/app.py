@@ -21,10 +21,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Label
 from textual.widgets.markdown import MarkdownStream
 
-from assistant.chat import Chat, sampling_from
+from assistant.chat import Chat
 from assistant.config import Config, Paths, SomnusError
 from assistant.crashes import ReplyJournal
-from assistant.models import system_prompt_for
+from assistant.engine import ChatEngine
 from assistant.scheduler import (
     Clock,
     SleepOutcome,
@@ -35,7 +35,6 @@ from assistant.scheduler import (
 from assistant.store import Store, open_store
 from tui.commands import SlashSuggester
 from tui.conversation import Conversation
-from tui.engine import ChatEngine
 from tui.slash import SlashCommands
 from tui.widgets.chat_view import AssistantTurn, ChatView
 from tui.widgets.dialogs import AskScreen, ConfirmScreen
@@ -191,12 +190,9 @@ class SomnusApp(SlashCommands, App[None]):
     def _chat(self, backend: Any, model: Any) -> Chat:
         """The conversation's Chat, on the engine's current backend (it changes after a promotion)."""
         conversation = self.conversation
-        if conversation.chat is None:
-            conversation.chat = Chat(backend, model=model.ref, store=None if conversation.private else self.store,
-                                     session_id=conversation.session_id, sampling=sampling_from(self.engine.config),
-                                     private=conversation.private, journal=self.journal)
-        conversation.chat.backend, conversation.chat.model = backend, model.ref
-        conversation.chat.system = system_prompt_for(model, self.engine.config)
+        conversation.chat = self.engine.bind(
+            conversation.chat, backend, model, store=None if conversation.private else self.store,
+            session_id=conversation.session_id, private=conversation.private, journal=self.journal)
         return conversation.chat
 
     async def _reply_ended(self, text: str, turn: AssistantTurn, stream: MarkdownStream, reply: Any,
@@ -367,7 +363,7 @@ class SomnusApp(SlashCommands, App[None]):
 
 
 def _last_sleep_text(run: dict | None, paths: Paths) -> str:
-    from assistant.sleep.runner import is_sleeping
+    from assistant.sleep import is_sleeping
 
     if run is None:
         return "never"

@@ -59,7 +59,7 @@ def adapters_page(adapters: Sequence[Mapping]) -> str:
 
 def report_page(report: Mapping, titles: Mapping[int, str], reason: str | None = None) -> str:
     """What one sleep consolidated, and the gate's recall before and after (``report``: SleepReport fields)."""
-    from assistant.sleep.gate import kept_training
+    from assistant.sleep import kept_training
 
     status = report.get("status", "")
     lines = ["# Sleep report", ""]

@@ -317,7 +317,7 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
     After the last night it also answers night 1's probes and every topic's latest value, and
     reads the ``fresh`` sessions as ``bare_in_context`` did (when given).
     """
-    from assistant.sleep import blocks
+    from assistant import adapters
     from assistant.sleep.cycle import sleep_cycle
     from assistant.store import open_store
 
@@ -335,10 +335,10 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
                 record = {"night": number, "status": report.status, "reason": report.reason, **span.record(),
                           "chosen": report.dreaming.get("chosen"), "dreaming": report.dreaming}
                 if report.status == "rejected":  # what the night's adapter knew, though the gate kept it out
-                    stack = blocks.load_stack(blocks.manifest_path(paths.home, report.adapter))
+                    stack = adapters.load_stack(adapters.manifest_path(paths.home, report.adapter))
                     with _open(config, stack.adapters(), settings) as trainer:
                         record["candidate_recall"] = share(probe(trainer, night.questions))
-                with _open(config, blocks.live_stack(store).adapters(), settings) as trainer:
+                with _open(config, adapters.live_stack(store).adapters(), settings) as trainer:
                     hits = probe(trainer, night.questions)
                     record.update(recall=share(hits), peak_rss_mb=peak_rss_mb())
                     result.setdefault("night1_after_first", hits)

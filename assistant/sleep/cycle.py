@@ -20,7 +20,8 @@ from assistant.config import Config, Paths
 from assistant.models import local_model, require_trainable, system_prompt_for
 from assistant.nano.world import World
 from assistant.persona import framed
-from assistant.sleep import blocks, counterfactual, dreams, lessons, seeding, supersede
+from assistant import adapters
+from assistant.sleep import counterfactual, dreams, lessons, seeding, supersede
 from assistant.sleep.dreams import DreamSettings
 from assistant.sleep.gate import (
     GateSettings,
@@ -138,12 +139,12 @@ def _night(paths, config, store, run_id, settings, progress, open_trainer, dream
         return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
     model = local_model(config.model, paths)
     require_trainable(model, "sleep")
-    stack = blocks.live_stack(store)
-    if stack.blocks and not blocks.grown_on(stack, model):
+    stack = adapters.live_stack(store)
+    if stack.blocks and not adapters.grown_on(stack, model):
         # Blocks trained on other weights mean nothing to these: grow a fresh stack. The old one
         # stays on disk (and in `somnus adapters`) for the model it was grown on.
         progress("select", 0.0, "the live adapter was grown on another model: starting a new stack")
-        stack = blocks.empty_stack()
+        stack = adapters.empty_stack()
     if open_trainer is None:
         from backends.select import choose_engines
         from backends.select import open_trainer as open_engine_trainer
@@ -224,7 +225,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
             progress("gate", 0.9, "asking the held-out questions of the dreamt block")
             verdict, dreaming = gate.against_dreamt(verdict, consolidated, dreaming)
     block_id = f"night{run_id:04d}-{secrets.token_hex(3)}"
-    block = blocks.Block(block_id, blocks.block_dir(paths.home, block_id), tuple(session_ids), run_id)
+    block = adapters.Block(block_id, adapters.block_dir(paths.home, block_id), tuple(session_ids), run_id)
     trainer.save_new_block(block.path)
     version = ledger.next_version()
     grown = stack.grown(block, version)
@@ -237,7 +238,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
         "reading_base": gate.reading_base,
         "known": gate.known_questions({p["question"] for p in old_prompts} | {p.question for p in old_probes}),
     })
-    manifest = blocks.save_stack(paths.home, grown)
+    manifest = adapters.save_stack(paths.home, grown)
     adapter_id = ledger.add_adapter(version, str(manifest), parent_version=stack.version or None,
                                     sleep_run_id=run_id, scores=verdict.record())
     if verdict.promote:
@@ -356,7 +357,7 @@ class Gate:
         records = []
         for steps, state in sorted(checkpoints.items()):
             for scale in sorted(self.settings.scales):
-                candidate = blocks.scaled(state, scale)
+                candidate = adapters.scaled(state, scale)
                 self.trainer.load_new_block_state(candidate)
                 asked = measure(self.trainer, self.probes, self.remembered, self.settings, new_block=True, reading=False)
                 kept = kept_share(self.before.old_recall, asked.old_recall, asked.old_hits, self.known)

@@ -313,11 +313,11 @@ def sleep_command(
     json_output: JsonFlag = False,
 ) -> None:
     """Consolidate recent sessions into a new adapter block, gated by recall and retention."""
-    from assistant.sleep.runner import sleep_now
+    from assistant.sleep import sleep_now
 
     ws = workspace(ctx)
     if not now:
-        from assistant.sleep.runner import is_sleeping
+        from assistant.sleep import is_sleeping
 
         with _open_store(ws) as store:
             last = store.sleep.last_run()
@@ -344,7 +344,7 @@ def sleep_command(
 
 
 def _print_sleep_report(report) -> None:
-    from assistant.sleep.gate import kept_training
+    from assistant.sleep import kept_training
 
     def percent(value):
         return "-" if value is None else f"{value:.0%}"
@@ -435,7 +435,7 @@ def _score(row: dict, *keys: str) -> str:
 @app.command()
 def rollback(ctx: typer.Context) -> None:
     """Return to the previous adapter version; its sessions will be learnt again at the next sleep."""
-    from assistant.sleep.runner import is_sleeping
+    from assistant.sleep import is_sleeping
 
     ws = workspace(ctx)
     if is_sleeping(ws.paths):
@@ -528,7 +528,7 @@ def daemon(
     install: Annotated[bool, typer.Option("--install", help="Write a login service (systemd user unit or launchd agent) that runs it.")] = False,
 ) -> None:
     """Sleep while you are away, without the app: the app's idle check, headless (Ctrl-C stops it)."""
-    from assistant.daemon import install_service, run_daemon
+    from cli.daemon import install_service, run_daemon
 
     ws = workspace(ctx)
     if install:
@@ -579,9 +579,8 @@ def _chat_store(ws: Workspace, session_id: int | None, private: bool) -> Abstrac
 @contextmanager
 def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, private: bool) -> Iterator[Chat]:
     """A Chat on a freshly loaded engine, which is closed again afterwards."""
-    from assistant.chat import Chat, sampling_from
     from assistant.crashes import ReplyJournal
-    from assistant.models import open_chat_backend, system_prompt_for
+    from assistant.engine import ChatEngine
 
     if store is not None and session_id is not None:
         store.session(session_id)  # fail on a wrong id before spending time loading a model
@@ -591,15 +590,20 @@ def _open_chat(ws: Workspace, store: Store | None, session_id: int | None, priva
     with _ModelProgress() as progress:
         if store is None and ws.paths.database.exists():  # a private chat still knows what sleep taught
             with _open_store(ws) as knowledge:
-                backend, model = open_chat_backend(ws.config, ws.paths, knowledge, progress)
+                engine = ChatEngine(ws.paths, ws.config, knowledge, progress)
+                engine.load()
+            engine.store = None
         else:
-            backend, model = open_chat_backend(ws.config, ws.paths, store, progress)
+            engine = ChatEngine(ws.paths, ws.config, store, progress)
+            engine.load()
+    if engine.error is not None:
+        raise engine.error
     try:
-        yield Chat(backend, model=model.ref, store=store, session_id=session_id,
-                   sampling=sampling_from(ws.config), private=private,
-                   system=system_prompt_for(model, ws.config), journal=journal)
+        with engine.using() as (backend, model):
+            yield engine.bind(None, backend, model, store=store, session_id=session_id, private=private,
+                              journal=journal)
     finally:
-        backend.close()
+        engine.close()
 
 
 class _ModelProgress:

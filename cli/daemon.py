@@ -52,7 +52,7 @@ async def _serve(paths: Paths, config: Config, say: Callable[[str], None]) -> No
 def install_service(paths: Paths, *, platform: str = sys.platform, user_home: Path | None = None) -> tuple[Path, str]:
     """Write the login service for ``somnus daemon`` on this data folder; returns its path and how to enable it."""
     user_home = user_home or Path.home()
-    command = [sys.executable, "-m", "assistant.cli", "--home", str(paths.home), "daemon"]
+    command = [sys.executable, "-m", "cli", "--home", str(paths.home), "daemon"]
     if platform.startswith("linux"):
         config_home = Path(os.environ.get("XDG_CONFIG_HOME") or user_home / ".config")
         target = config_home / "systemd" / "user" / SYSTEMD_UNIT
