@@ -2,8 +2,8 @@
 
 A small chat model that is told "My sister is called Zara" often answers about itself ("I'm a
 helpful AI named SmolLM"), which its own default system prompt invites. Somnus says instead that it
-is the user's personal assistant and that what the user says about themselves is about the user.
-The same framing goes before the day's chats and before the sleep's prompts, so what a night
+is the user's personal assistant, answering from what the user tells it (the wording chosen by
+measurement: docs/decisions.md). The same framing goes before the day's chats and before the sleep's prompts, so what a night
 teaches is asked for the way the day asks. The bundled nano model was trained without a system
 turn, so it gets none (``models.system_prompt_for``).
 """
@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You are Somnus, the user's personal assistant, running privately on their own computer. "
-    "The user is the person writing to you: when they say \"I\", \"me\" or \"my\", they mean "
-    "themselves, not you. Remember what they tell you about their life, family, friends, work and "
-    "plans, and use it to answer their questions about themselves. Answer briefly and directly."
+    "You are the user's personal assistant. "
+    "Answer the user's questions using the information they give you in this conversation."
 )
+
 
 def framed(messages: Sequence[Mapping[str, str]], system: str | None) -> list[dict[str, str]]:
     """``messages`` after the system turn, unless there is none or they bring their own."""

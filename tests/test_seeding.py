@@ -74,7 +74,7 @@ def test_a_seeding_step_takes_the_papers_objective_with_each_term_on_its_own_row
         if not with_group:
             return float(settings.alpha * divergence)
         own, own_mask = trainer.completion_logits([group.prompt_ids] * 2, completions, new_block=True)
-        imitation = group.loss(ops, own, seeding._pad(completions), own_mask)
+        imitation = group.loss(ops, own, seeding.pad(completions), own_mask)
         return float(losses.seeding_objective(ops, -imitation, divergence, settings.alpha))
 
     for with_group in (False, True, False):  # the block moves between steps; each loss is that of its step

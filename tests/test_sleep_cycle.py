@@ -80,7 +80,7 @@ def test_a_night_writes_a_versioned_adapter_and_a_report(tmp_path, tiny_model_di
 def test_a_second_sleep_is_refused_while_one_runs(tmp_path, tiny_model_dir):
     home = tmp_path / "home"
     paths, _ = record_day(home, tiny_model_dir)
-    with runner._lock(paths):  # as a running sleep holds it
+    with runner.sleep_lock(paths):  # as a running sleep holds it
         result = somnus(home, tiny_model_dir, "sleep", "--now", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "somnus: a sleep is already running; wait for it to finish"

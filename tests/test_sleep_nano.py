@@ -193,7 +193,7 @@ def test_contrary_anchors_are_tonights_questions_over_sessions_that_say_otherwis
         night = [lessons.Lesson(sid, lessons.knowledge_context([{"role": "user", "content": said}]), [question])
                  for sid, (said, question, _) in told.items()]
         rows = [Row("", "", answer, question=question, session_id=sid) for sid, (_, question, answer) in told.items()]
-        anchors = cycle._contrary(trainer, night, rows, 4, random.Random(0))
+        anchors = cycle.contrary(trainer, night, rows, 4, random.Random(0))
     finally:
         trainer.close()
     assert len(anchors) == 2
@@ -205,12 +205,12 @@ def test_contrary_anchors_are_tonights_questions_over_sessions_that_say_otherwis
 
 
 def _taught_night(said: str, questions: list[str]) -> tuple[list[Row], list[Probe], list[str]]:
-    """``cycle._teach`` on the bare nano model, for a night of one session that tells ``said`` and
+    """``cycle.teach`` on the bare nano model, for a night of one session that tells ``said`` and
     asks ``questions``: its rows, its probes and the probes' prompts as the gate puts them."""
     night = [lessons.Lesson(1, lessons.knowledge_context([{"role": "user", "content": said}]), questions)]
     trainer = open_trainer("torch", NANO_DIR)
     try:
-        rows, probes = cycle._teach(trainer, night, SleepSettings(), random.Random(0))
+        rows, probes = cycle.teach(trainer, night, SleepSettings(), random.Random(0))
         return rows, probes, [trainer.render_chat(lessons.user_turn(probe.question)) for probe in probes]
     finally:
         trainer.close()
@@ -231,7 +231,7 @@ def test_a_fact_the_live_model_already_gives_is_taught_but_never_probed():
     answer could not show what a night learns, so the gate's one probe is about Mary."""
     rows, [probe], _ = _taught_night("My cousin is called Irene. Mary moved to the garden.",
                                      ["What is the name of my cousin?", "Where is Mary?"])
-    assert {(row.question, row.answer) for row in cycle._taught(rows)} == {
+    assert {(row.question, row.answer) for row in cycle.taught(rows)} == {
         ("What is the name of my cousin?", "Your cousin is called Irene."), ("Where is Mary?", "Mary is in the garden.")}
     assert probe.question.lower().endswith("where is mary?") and probe.reference == "Mary is in the garden."
 
@@ -273,7 +273,7 @@ def test_a_question_is_taught_from_the_newest_session_that_tells_its_answer_and_
                                                                      "What is Eric's job?"])]
     trainer = open_trainer("torch", NANO_DIR)
     try:
-        rows, _ = cycle._teach(trainer, night, replace(SleepSettings(), probe_share=0.0), random.Random(0))
+        rows, _ = cycle.teach(trainer, night, replace(SleepSettings(), probe_share=0.0), random.Random(0))
     finally:
         trainer.close()
     taught = {row.question: row for row in rows}
@@ -290,7 +290,7 @@ def test_a_night_of_one_story_contradicts_it_with_its_own_other_rooms():
             Row("", "", "Mary is in the garden.", question="Where is Mary?", session_id=1)]
     trainer = open_trainer("torch", NANO_DIR)
     try:
-        anchors = cycle._contrary(trainer, night, rows, 4, random.Random(0))
+        anchors = cycle.contrary(trainer, night, rows, 4, random.Random(0))
     finally:
         trainer.close()
     assert anchors
@@ -309,7 +309,7 @@ def test_the_teacher_writes_questions_about_every_fact_a_session_tells(tmp_path)
         store.add_message(session, "assistant", "Noted.")
         trainer = open_trainer("torch", NANO_DIR)
         try:  # no sampled lists: asked about the whole session, the model writes of Samuel only
-            [lesson] = cycle._lessons(trainer, store, session, SleepSettings(question_samples=0), random.Random(0))
+            [lesson] = cycle.session_lessons(trainer, store, session, SleepSettings(question_samples=0), random.Random(0))
         finally:
             trainer.close()
     for topic in ("Samuel", "lawyer", "turtle"):
@@ -335,10 +335,10 @@ def test_earlier_sessions_are_taught_again_in_fresh_questions_less_what_a_newer_
         trainer = open_trainer("torch", NANO_DIR)
         try:
             # one session re-taught: the seed draws the first night's
-            rows, contrary = cycle._reteach(trainer, store, stack, tonight, set(), set(),
+            rows, contrary = cycle.reteach(trainer, store, stack, tonight, set(), set(),
                                             SleepSettings(reteach_sessions=1), random.Random(1))
             probe = min(row.question for row in rows if row.answer == "You live in Porto.")  # an earlier night's probe
-            unprobed, _ = cycle._reteach(trainer, store, stack, tonight, set(), {probe},
+            unprobed, _ = cycle.reteach(trainer, store, stack, tonight, set(), {probe},
                                          SleepSettings(reteach_sessions=1), random.Random(1))
         finally:
             trainer.close()

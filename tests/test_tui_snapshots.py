@@ -75,8 +75,8 @@ def test_the_help_page(app, snap_compare):
 def test_the_status_bar_while_sleeping(app, snap_compare):
     async def sleeping(pilot) -> None:
         await loaded(pilot)
-        pilot.app._sleep_started("you asked with /sleep")
-        pilot.app._sleep_progress(SleepEvent("consolidate", 0.4, "step 48/120"))
+        pilot.app.sleep_started("you asked with /sleep")
+        pilot.app.sleep_progress(SleepEvent("consolidate", 0.4, "step 48/120"))
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=sleeping)

@@ -74,11 +74,12 @@ class SomnusApp(SlashCommands, App[None]):
         self.store: Store = open_store(paths, config)
         if session_id is not None:
             self.store.session(session_id)  # an unknown id fails now, as one line
-        self.engine = ChatEngine(paths, config, self.store)
+        self.engine = ChatEngine(paths, config, self.store, progress=self._model_progress)
+        self._preparing: str | None = None  # what making the model ready is doing (a first import)
         self.conversation = Conversation(session_id, private)
         self.scheduler = SleepScheduler(
             paths, config, self.store, now=now,
-            on_start=self._sleep_started, on_event=self._sleep_progress, on_finish=self._sleep_finished,
+            on_start=self.sleep_started, on_event=self.sleep_progress, on_finish=self._sleep_finished,
             **({} if check_every is None else {"check_every": check_every}),
         )
         self.last_sleep: SleepOutcome | None = None
@@ -316,17 +317,26 @@ class SomnusApp(SlashCommands, App[None]):
         self.engine.reload(config)
         self._queue(self._engine_changed)
 
+    def _model_progress(self, stage: str, fraction: float) -> None:
+        """From the loading thread: a model's first use (an import, an export) shows in the status bar."""
+        self._queue(self._show_preparing, f"preparing the model: {stage} ({fraction:.0%})")
+
+    def _show_preparing(self, text: str) -> None:
+        self._preparing = text
+        self.refresh_status()
+
     async def _engine_changed(self) -> None:
+        self._preparing = None
         if self.engine.problem is not None:
             await self.query_one(ChatView).add_notice(f"The model cannot be loaded: {self.engine.problem}", error=True)
         self.refresh_status()
 
     # Sleep and the status bar
 
-    def _sleep_started(self, reason: str) -> None:
+    def sleep_started(self, reason: str) -> None:
         self.query_one(StatusBar).sleep_started(reason)
 
-    def _sleep_progress(self, event: Any) -> None:
+    def sleep_progress(self, event: Any) -> None:
         self.query_one(StatusBar).sleep_progress(event.stage, event.progress, event.message)
 
     def _sleep_finished(self, outcome: SleepOutcome) -> None:
@@ -346,7 +356,7 @@ class SomnusApp(SlashCommands, App[None]):
         return {
             "model": Path(ref).name if Path(ref).is_absolute() else ref,
             "engine": (self.engine.backend.name if self.engine.ready
-                       else "loading" if self.engine.loading else "not loaded"),
+                       else self._preparing or "loading" if self.engine.loading else "not loaded"),
             "adapter": f"v{live['version']}" if live else "none",
             "last sleep": _last_sleep_text(last_run, self.paths),
             "next sleep": "sleeping now" if self.scheduler.sleeping else _next_sleep_text(upcoming),

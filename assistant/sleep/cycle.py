@@ -73,7 +73,7 @@ class SleepSettings:
     # them 2.8, 48 (about all a night of 10 sessions offers) 1.9, with the same recall of tonight's
     # probes (24-39% against 28-33%) in 17% less time.
     contrary_anchors: int = 48
-    # Earlier sessions taught again each night in fresh questions (``_reteach``), and contrary
+    # Earlier sessions taught again each night in fresh questions (``reteach``), and contrary
     # anchors over them. Bench night 2, its nine candidates (sleep seeds 1234 and 0): night 1's 67
     # held-out phrasings kept 49-61% and 51-66% replaying prompts only, 60-73% and 67-93%
     # re-teaching 10 sessions; they read 93.6-95.4% and 93.2-93.6% (the gate's reads), against
@@ -172,8 +172,8 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     session_ids = [row["session_id"] for row in pending]
     learnt = {row["session_id"]: row["last_message_id"] for row in pending}  # what a live adapter records
     progress("questions", 0.05, f"writing questions about {len(session_ids)} session(s)")
-    new_lessons = [lesson for sid in session_ids for lesson in _lessons(trainer, store, sid, settings, rng)]
-    rows, probes = _teach(trainer, new_lessons, settings, rng)
+    new_lessons = [lesson for sid in session_ids for lesson in session_lessons(trainer, store, sid, settings, rng)]
+    rows, probes = teach(trainer, new_lessons, settings, rng)
     if not rows:
         return SleepReport("nothing", sessions=session_ids,
                            reason="the teacher found nothing to ask about these sessions")
@@ -198,10 +198,10 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
                  p["answer"], kind="replay", question=p["question"]) for p in old_prompts]
     if stack.blocks:
         progress("questions", 0.09, "asking afresh about earlier sessions")
-    retaught, retaught_contrary = _reteach(trainer, store, stack, new_lessons, asked_tonight,
+    retaught, retaught_contrary = reteach(trainer, store, stack, new_lessons, asked_tonight,
                                            {p.question for p in old_probes}, settings, rng)
     rows += retaught
-    anchors = (_anchors(trainer, settings) + _contrary(trainer, new_lessons, _taught(rows), settings.contrary_anchors, rng)
+    anchors = (_anchors(trainer, settings) + contrary(trainer, new_lessons, taught(rows), settings.contrary_anchors, rng)
                + retaught_contrary)
     rows += anchors
     checkpoints: dict[int, list] = {}
@@ -232,7 +232,7 @@ def _consolidate_and_gate(paths, store, run_id, pending, stack, trainer, setting
     grown = replace(grown, extra={
         "model": model.ref,
         "weights": model.weights,
-        "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in _taught(rows)],
+        "prompts": old_prompts + [{"question": r.question, "answer": r.answer} for r in taught(rows)],
         "probes": [asdict(p) for p in old_probes + probes],
         "verdict": verdict.record(),
         "reading_base": gate.reading_base,
@@ -265,7 +265,7 @@ def _dream(trainer, store, stack, new_lessons, probes, old_probes, keep, consoli
     older = []
     for session_id in sorted(rng.sample(older_ids, min(len(older_ids), settings.dreams.older_sessions))):
         older += [dreams.Memory(session_id, lesson.context)
-                  for lesson in _lessons(trainer, store, session_id, settings, rng, questions=False)[:1]]
+                  for lesson in session_lessons(trainer, store, session_id, settings, rng, questions=False)[:1]]
     trainer.load_new_block_state(consolidated, lr=settings.dreams.lr)  # the copy, with its own optimiser
     dream_settings = replace(settings.dreams, seed=settings.seed + run_id)
     marker = seeding.end_of_turn(trainer)
@@ -394,7 +394,7 @@ class Gate:
         return consolidated_verdict, dreaming
 
 
-def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) -> list[lessons.Lesson]:
+def session_lessons(trainer, store, session_id, settings, rng, questions: bool = True) -> list[lessons.Lesson]:
     """The session's knowledge windows and, for each, the questions the teacher writes about it."""
     budget = trainer.context_length - 2 * GREEDY.max_tokens - 64
     messages = [m for m in store.messages(session_id) if m["status"] == "complete"]
@@ -415,7 +415,7 @@ def _lessons(trainer, store, session_id, settings, rng, questions: bool = True) 
     return result
 
 
-def _teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) -> tuple[list[Row], list[Probe]]:
+def teach(trainer, new_lessons, settings: SleepSettings, rng: random.Random) -> tuple[list[Row], list[Probe]]:
     """The teacher answers every question with each session that asks it in context; the newest
     whose answer the user told there (``lessons.told``) is taught. A share of the answered
     questions become the gate's probes (``lessons.hold_out``), the rest rows, each put to the
@@ -460,7 +460,7 @@ def _unknown(trainer, answered: dict[str, str]) -> dict[str, str]:
     return {question: answer for (question, answer), hit in zip(answered.items(), known) if not hit}
 
 
-def _taught(rows: list[Row]) -> list[Row]:
+def taught(rows: list[Row]) -> list[Row]:
     """Tonight's rows, one per question (its framed copies share the question and the answer)."""
     return list({row.question: row for row in rows if row.kind == "new"}.values())
 
@@ -484,9 +484,9 @@ def _anchors(trainer, settings) -> list[Row]:
     return [Row(p, p, a.strip(), kind="anchor") for p, a in zip(prompts, answers) if a.strip()]
 
 
-def _reteach(trainer, store, stack, new_lessons, asked_tonight, held_out, settings, rng) -> tuple[list[Row], list[Row]]:
+def reteach(trainer, store, stack, new_lessons, asked_tonight, held_out, settings, rng) -> tuple[list[Row], list[Row]]:
     """Earlier nights' sessions taught again, in fresh questions: replay rows, and contrary anchors
-    over them (see ``_contrary``). None asks one of the earlier nights' probes (``held_out``):
+    over them (see ``contrary``). None asks one of the earlier nights' probes (``held_out``):
     the teacher writes much the same questions about a session every night, and re-teaching them
     would teach the gate's retention probes, which then could not see old knowledge fade.
 
@@ -504,25 +504,25 @@ def _reteach(trainer, store, stack, new_lessons, asked_tonight, held_out, settin
     if not settings.reteach_sessions or not night_of:
         return [], []
     chosen = sorted(rng.sample(sorted(night_of), min(len(night_of), settings.reteach_sessions)),
-                    key=lambda sid: (night_of[sid], sid))  # oldest first: a later answer wins (``_teach``)
-    old_lessons = [lesson for sid in chosen for lesson in _lessons(trainer, store, sid, settings, rng)]
-    taught, _ = _teach(trainer, old_lessons, replace(settings, probe_share=0.0), rng)
+                    key=lambda sid: (night_of[sid], sid))  # oldest first: a later answer wins (``teach``)
+    old_lessons = [lesson for sid in chosen for lesson in session_lessons(trainer, store, sid, settings, rng)]
+    again, _ = teach(trainer, old_lessons, replace(settings, probe_share=0.0), rng)
     first = min(night_of[sid] for sid in chosen)
-    later = {sid: _lessons(trainer, store, sid, settings, rng, questions=False)
+    later = {sid: session_lessons(trainer, store, sid, settings, rng, questions=False)
              for sid, night in night_of.items() if night > first}
     stale = set()
     for sid in chosen:
         newer = [lesson for other, night in night_of.items() if night > night_of[sid] for lesson in later[other]]
-        stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in taught if row.session_id == sid],
+        stale |= supersede.superseded(trainer, [(row.question, row.answer) for row in again if row.session_id == sid],
                                       newer + new_lessons)
     left_out = stale | held_out
     unasked = asked_tonight | {trainer.render_chat(user_turn(question)) for question in held_out}
-    taught = [row for row in taught if row.question not in left_out and row.student_prompt not in unasked]
-    contrary = _contrary(trainer, old_lessons, _taught(taught), settings.reteach_contrary, rng)
-    return [replace(row, kind="replay") for row in taught], contrary
+    again = [row for row in again if row.question not in left_out and row.student_prompt not in unasked]
+    anchors = contrary(trainer, old_lessons, taught(again), settings.reteach_contrary, rng)
+    return [replace(row, kind="replay") for row in again], anchors
 
 
-def _contrary(trainer, taught_lessons, taught: list[Row], count: int, rng: random.Random) -> list[Row]:
+def contrary(trainer, taught_lessons, taught: list[Row], count: int, rng: random.Random) -> list[Row]:
     """Up to ``count`` of the ``taught`` questions (one row each) asked over a copy of their
     session whose value is another of ``taught_lessons``' sessions' (on a night of one session,
     another of its own values; a generated name or place when there is none), with the

@@ -43,7 +43,7 @@ class SleepEvent:
     message: str
 
 
-def _lock(paths: Paths):
+def sleep_lock(paths: Paths):
     """The exclusive sleep lock (an open file), or SleepBusy."""
     handle = open(paths.home / LOCK_FILE, "a")
     try:
@@ -56,7 +56,7 @@ def _lock(paths: Paths):
 
 def is_sleeping(paths: Paths) -> bool:
     try:
-        _lock(paths).close()
+        sleep_lock(paths).close()
     except SleepBusy:
         return True
     return False
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = open_paths(args.home)
         config = load_config(paths).with_overrides(model=args.model, backend=args.backend)
-        lock = _lock(paths)
+        lock = sleep_lock(paths)
     except SleepBusy as error:
         _emit(event="error", message=str(error))
         return BUSY_EXIT

@@ -312,12 +312,12 @@ def mean_token_probability(
     completions = [trainer.encode(c + marker) for c in candidates]
     logits, mask = trainer.completion_logits(prefixes, completions, new_block=new_block)
     ops = trainer.ops
-    logprobs = losses.completion_logprobs(ops, logits, _pad(completions))
+    logprobs = losses.completion_logprobs(ops, logits, pad(completions))
     totals = ops.sum(logprobs * mask, axis=-1)
     counts = ops.sum(mask, axis=-1)
     return [math.exp(float(t) / max(float(c), 1.0)) for t, c in zip(totals, counts)]
 
 
-def _pad(rows: Sequence[Sequence[int]]) -> list[list[int]]:
+def pad(rows: Sequence[Sequence[int]]) -> list[list[int]]:
     width = max(len(r) for r in rows)
     return [list(r) + [0] * (width - len(r)) for r in rows]
