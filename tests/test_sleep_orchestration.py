@@ -1,0 +1,445 @@
+"""The night's orchestration, through ``sleep_cycle`` on a real store with a scripted engine.
+
+``tests/fakes.FakeTrainer`` stands in for the model at the ``BlockTrainer`` seam, so each night
+takes milliseconds: these tests check what a night selects, what it records when the gate
+promotes or rejects, what later nights replay, and that a crash changes nothing live. Whether a
+night teaches a real model is measured in tests/test_sleep_nano.py and by `somnus bench sleep`.
+
+The gate's candidates are the checkpoints at steps 2 and 4 at scales 0.5 and 1.0, so the fake's
+block strengths are 1, 2, 2 and 4; with ``learns_after=3`` only the whole 4-step block recalls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from fakes import Fact, FakeChatBackend, FakeCrash, FakeTrainer, make_model_folder
+
+from assistant import adapters
+from assistant.chat import Chat
+from assistant.config import Config, Paths, load_config, open_paths
+from assistant.models import resolve_model
+from assistant.nano import evaluate
+from assistant.sleep.cycle import SleepReport, SleepSettings, sleep_cycle
+from assistant.sleep.dreams import DreamSettings
+from assistant.sleep.gate import GateSettings
+from assistant.sleep.lessons import QUESTION_REQUEST
+from assistant.sleep.seeding import SeedingSettings
+from assistant.store import Store, open_store
+from backends.base import Adapter
+from backends.peft_io import read_lora
+
+PORTO = Fact("I live in Porto.", ("Where do I live?", "Which city do I live in?"), "You live in Porto.")
+# Said on a later day: it answers Porto's questions otherwise, and the teacher writes other ones about it.
+LYON = Fact("Now I live in the city of Lyon.",
+            ("Which city is my home now?", "What is my home city now?", "Where do I live?", "Which city do I live in?"),
+            "You live in Lyon.", writes=("Which city is my home now?", "What is my home city now?"))
+REX = Fact("My dog is called Rex.", ("What is my dog called?", "What is my dog's name?"), "Your dog is called Rex.")
+ZARA = Fact("My sister is called Zara.", ("What is my sister called?", "What is my sister's name?"),
+            "Your sister is called Zara.")
+FACTS = [PORTO, LYON, REX, ZARA]
+LEARNS = 3.0
+
+GATE = GateSettings(in_context_sessions=2, scales=(0.5, 1.0))
+SETTINGS = SleepSettings(seeding=SeedingSettings(steps=4, checkpoints=2, batch_size=4), gate=GATE,
+                         dreams=DreamSettings(steps=0), anchors=3, contrary_anchors=2, reteach_contrary=2,
+                         question_samples=1)
+# Every completion trained is then a row's answer (no sampled ones), so the rows can be read off the fake.
+DISTILLED = replace(SETTINGS.seeding, on_policy=0.0, lti_every=0)
+READING = evaluate.heldout_sessions(GATE.seed, GATE.in_context_sessions)  # the gate's in-context sessions
+
+
+@dataclass
+class Day:
+    """A data folder with a store and a model folder that only the fake opens."""
+
+    paths: Paths
+    config: Config
+    store: Store
+
+    def session(self, *said: str) -> int:
+        session = self.store.create_session(model=self.config.model)
+        for text in said:
+            self.store.add_message(session, "user", text)
+            self.store.add_message(session, "assistant", "Noted.")
+        return session
+
+    def sleep(self, fake: FakeTrainer, **changes) -> SleepReport:
+        return sleep_cycle(self.paths, self.config, self.store, settings=replace(SETTINGS, **changes),
+                           open_trainer=fake.open)
+
+    def manifest(self, version: int) -> dict:
+        return json.loads(adapters.manifest_path(self.paths.home, version).read_text())
+
+    def manifests(self) -> dict[str, bytes]:
+        folder = self.paths.home / "adapters"
+        return {path.name: path.read_bytes() for path in folder.glob("*.json")} if folder.is_dir() else {}
+
+    def blocks_on_disk(self) -> set[str]:
+        folder = self.paths.home / "adapters" / "blocks"
+        return {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+
+    def pending(self) -> list[int]:
+        return [row["session_id"] for row in self.store.sleep.unconsolidated_sessions()]
+
+    def live_state(self) -> tuple:
+        """Everything a night may change only by promoting: the live adapter and every version."""
+        return (self.store.sleep.live_adapter(), self.store.sleep.adapters(), self.manifests(),
+                adapters.live_stack(self.store))
+
+
+def open_day(home: Path, model_folder: Path) -> Day:
+    paths = open_paths(home)
+    config = load_config(paths).with_overrides(model=str(make_model_folder(model_folder)))
+    return Day(paths, config, open_store(paths, config))
+
+
+@pytest.fixture
+def day(somnus_home, tmp_path):
+    day = open_day(somnus_home, tmp_path / "model")
+    yield day
+    day.store.close()
+
+
+def learner(**script) -> FakeTrainer:
+    return FakeTrainer(FACTS, **{"learns_after": LEARNS, **script})
+
+
+def answers(entries: list[dict], key: str) -> set[str]:
+    return {entry[key] for entry in entries}
+
+
+# -- which sessions a night selects -----------------------------------------------------------------
+
+
+def test_a_night_with_nothing_said_reports_nothing_and_opens_no_engine(day):
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "nothing" and report.reason.startswith("nothing to consolidate")
+    assert fake.nights == []
+    assert day.store.sleep.adapters() == [] and day.manifests() == {} and day.blocks_on_disk() == set()
+    run = day.store.sleep.last_run()
+    assert run["id"] == report.run and run["status"] == "complete" and run["report"]["status"] == "nothing"
+
+
+def test_a_night_sleeps_only_on_the_sessions_no_live_adapter_learnt(day):
+    porto, rex = day.session(PORTO.said), day.session(REX.said)
+    first = day.sleep(learner())
+    zara = day.session(ZARA.said)
+    assert day.pending() == [zara]
+    second = day.sleep(learner())
+    assert (first.status, first.sessions) == ("promoted", [porto, rex])
+    assert (second.status, second.sessions) == ("promoted", [zara])
+    assert [block["sessions"] for block in day.manifest(2)["blocks"]] == [[porto, rex], [zara]]
+    assert [(a["version"], a["status"], a["sessions"]) for a in day.store.sleep.adapters()] == [
+        (2, "live", [zara]), (1, "retired", [porto, rex])]
+    assert day.pending() == []
+
+
+def test_a_session_that_went_on_after_a_sleep_is_slept_on_for_its_new_part(day):
+    session = day.session(PORTO.said)
+    assert day.sleep(learner()).status == "promoted"
+    learnt_through = day.store.messages(session)[-1]["id"]
+    day.store.add_message(session, "user", REX.said)
+    day.store.add_message(session, "assistant", "Noted.")
+    pending = day.store.sleep.unconsolidated_sessions()
+    assert [(row["session_id"], row["consolidated_through"], row["new_messages"]) for row in pending] == [
+        (session, learnt_through, 2)]
+    report = day.sleep(learner())
+    assert report.status == "promoted" and report.sessions == [session]
+    tonight = [probe for probe in day.manifest(2)["probes"] if probe not in day.manifest(1)["probes"]]
+    assert answers(tonight, "reference") == {REX.answer}  # judged by what is new: Porto the live model knows
+    assert REX.answer in answers(day.manifest(2)["prompts"], "answer")
+    assert day.pending() == []
+
+
+def test_a_private_chat_is_never_recorded_so_never_slept_on(day):
+    backend = FakeChatBackend()
+    Chat(backend, model="fake", store=day.store, private=True).reply(ZARA.said)
+    recorded = Chat(backend, model="fake", store=day.store)
+    recorded.reply(PORTO.said)
+    assert [s["id"] for s in day.store.sessions()] == [recorded.session_id]
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "promoted" and report.sessions == [recorded.session_id]
+    assert not [prompt for prompt in fake.night.prompts() if ZARA.said in prompt]
+    manifest = json.dumps(day.manifest(1))
+    assert PORTO.answer in manifest and ZARA.answer not in manifest
+
+
+def test_a_night_whose_sessions_hold_nothing_to_ask_grows_no_block(day):
+    day.session("Hello there!", "Thanks, bye.")
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "nothing" and report.reason.startswith("the teacher found nothing to ask")
+    assert day.store.sleep.adapters() == [] and day.manifests() == {} and day.blocks_on_disk() == set()
+    assert fake.night.closed and fake.night.calls["train_step"] == 0
+
+
+@pytest.mark.parametrize("invented", [
+    "Paris, I think.",
+    pytest.param("You live in Paris.", marks=pytest.mark.xfail(strict=True, reason=(
+        "bug: lessons.told skips the answer's words no sentence says (Paris), so 'in', which the user's "
+        "sentence says and 'Where do I live?' does not ask, passes as the answer's most specific word"))),
+])
+def test_an_answer_the_teacher_invents_is_never_taught(day, invented):
+    day.session(PORTO.said)
+
+    def inventing(turns, new_block):  # with the session in context, it answers a city the user never named
+        return invented if len(turns) > 1 and turns[-1]["content"] != QUESTION_REQUEST else None
+
+    fake = learner(respond=inventing)
+    report = day.sleep(fake)
+    assert report.status == "nothing" and report.reason.startswith("the teacher found nothing to ask")
+    assert fake.night.calls["train_step"] == 0 and day.manifests() == {}
+
+
+def test_the_nights_prompts_read_after_the_days_system_prompt(day):
+    day.session(PORTO.said)
+    fake = learner()
+    day.sleep(fake)
+    framing = f"<|system|>{day.config.system_prompt}<|end|>\n"
+    assert day.config.system_prompt and fake.night.generated
+    assert all(prompt.startswith(framing) for prompt in fake.night.prompts())
+    day.config = day.config.with_overrides(system_prompt="")
+    day.session(REX.said)
+    day.sleep(fake)
+    assert not [prompt for prompt in fake.night.prompts() if "<|system|>" in prompt]
+
+
+def test_a_night_about_what_the_live_model_already_answers_marks_it_learnt_without_a_block(day):
+    first = day.session(PORTO.said)
+    assert day.sleep(learner()).status == "promoted"
+    before = day.manifests()
+    again = day.session(PORTO.said)
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "nothing" and "already answers" in report.reason
+    assert fake.night.calls["train_step"] == 0 and day.manifests() == before
+    assert [(a["version"], a["status"], a["sessions"]) for a in day.store.sleep.adapters()] == [
+        (1, "live", [first, again])]
+    assert day.pending() == []
+
+
+# -- promotion bookkeeping ---------------------------------------------------------------------------
+
+
+def test_a_promoted_night_records_its_manifest_block_live_adapter_and_what_it_learnt(day):
+    porto, pets = day.session(PORTO.said), day.session(REX.said, ZARA.said)
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "promoted" and report.adapter == 1 and report.sessions == [porto, pets]
+    assert (report.recall_before, report.recall_after) == (0.0, 1.0)
+
+    manifest = day.manifest(1)
+    [block] = manifest["blocks"]
+    assert manifest["version"] == 1
+    assert block["sessions"] == [porto, pets] and block["sleep_run"] == report.run
+    assert fake.night.saved == [Path(block["path"])] and block["id"].startswith("night0001-")
+    assert {layer.module.rsplit(".", 1)[-1] for layer in read_lora(Path(block["path"]))} == set(SETTINGS.spec.targets)
+    model = resolve_model(day.config.model, day.paths)
+    assert (manifest["model"], manifest["weights"]) == (model.ref, model.weights)
+    taught, held = manifest["prompts"], manifest["probes"]
+    assert answers(taught, "answer") | answers(held, "reference") == {PORTO.answer, REX.answer, ZARA.answer}
+    assert not answers(taught, "question") & answers(held, "question")  # the gate's probes were never trained on
+    assert {probe["session_id"] for probe in held} <= {porto, pets}
+    assert manifest["verdict"]["promote"] and manifest["verdict"]["probes"] == len(held)
+
+    live = day.store.sleep.live_adapter()
+    assert (live["version"], live["parent_version"], live["status"], live["path"], live["sleep_run_id"]) == (
+        1, None, "live", str(adapters.manifest_path(day.paths.home, 1)), report.run)
+    assert live["scores"] == manifest["verdict"]
+    assert adapters.live_stack(day.store).adapters() == [Adapter(Path(block["path"]), 1.0)]
+    assert day.store.sleep.adapters()[0]["sessions"] == [porto, pets]
+    run = day.store.sleep.run(report.run)
+    assert run["status"] == "complete" and run["report"]["status"] == "promoted"
+    learnt_through = day.store.messages(pets)[-1]["id"]  # provenance is per message, not per session
+    day.store.add_message(pets, "user", "One more thing.")
+    assert [(r["session_id"], r["consolidated_through"]) for r in day.store.sleep.unconsolidated_sessions()] == [
+        (pets, learnt_through)]
+
+
+def test_a_night_whose_block_recalls_nothing_is_rejected_and_the_bare_model_stays_live(day):
+    session = day.session(PORTO.said)
+    report = day.sleep(learner(learns_after=None))
+    assert report.status == "rejected" and report.reason.startswith("recall did not rise")
+    assert day.store.sleep.live_adapter() is None and adapters.live_stack(day.store).blocks == ()
+    [rejected] = day.store.sleep.adapters()
+    assert (rejected["version"], rejected["status"], rejected["sessions"]) == (1, "rejected", [])
+    assert rejected["scores"]["reason"] == report.reason == day.manifest(1)["verdict"]["reason"]
+    assert day.store.sleep.run(report.run)["report"]["reason"] == report.reason
+    assert day.pending() == [session]  # the next night tries again
+    retried = day.sleep(learner())
+    assert (retried.status, retried.adapter, retried.sessions) == ("promoted", 2, [session])
+    assert [block["sessions"] for block in day.manifest(2)["blocks"]] == [[session]]  # not grown on the rejected one
+
+
+def test_a_night_that_makes_earlier_nights_fade_is_rejected_and_the_live_adapter_kept(day):
+    day.session(PORTO.said)
+    assert day.sleep(learner()).status == "promoted"
+    before = day.live_state()
+    later = day.session(REX.said)
+    report = day.sleep(learner(forgets=[PORTO], forgets_after=LEARNS))
+    assert report.status == "rejected" and report.reason.startswith("old memories faded")
+    assert report.retention == 0.0
+    live, versions, manifests, stack = day.live_state()
+    assert (live, stack) == (before[0], before[3])
+    assert manifests == {**before[2], "v0002.json": manifests["v0002.json"]}  # v1's bytes untouched
+    assert [(a["version"], a["status"]) for a in versions] == [(2, "rejected"), (1, "live")]
+    assert day.pending() == [later]
+
+
+def test_a_night_that_costs_in_context_reading_is_rejected(day):
+    day.session(PORTO.said, REX.said)
+    report = day.sleep(learner(reading=READING, reading_lost_after=LEARNS))
+    assert report.status == "rejected" and report.reason.startswith("in-context reading fell")
+    assert (report.in_context_before, report.in_context_after, report.recall_after) == (1.0, 0.0, 1.0)
+    assert day.store.sleep.live_adapter() is None
+
+
+def test_the_gate_promotes_the_largest_change_that_still_reads_its_context(day):
+    day.session(PORTO.said, REX.said)
+    fake = learner(learns_after=1.5, reading=READING, reading_lost_after=3.5)
+    report = day.sleep(fake)
+    judged = {(c["steps"], c["scale"]): c for c in report.training["checkpoints"]}
+    assert report.status == "promoted" and report.in_context_after == 1.0
+    assert (judged[4, 1.0]["in_context"], judged[4, 1.0]["promote"]) == (0.0, False)  # read first, and failed
+    assert judged[4, 0.5]["chosen"] and judged[4, 0.5]["promote"]
+    assert judged[2, 1.0]["in_context"] is None and judged[2, 0.5]["recall"] == 0.0  # never read
+    assert fake.strength() == pytest.approx(2.0)  # the chosen candidate is the block saved, not the last one trained
+    assert day.manifest(1)["reading_base"]["reading"] == 1.0
+
+
+def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(day, tmp_path):
+    day.session(PORTO.said)
+    assert day.sleep(learner()).status == "promoted"
+    retrained = make_model_folder(tmp_path / "retrained")
+    (retrained / "model.safetensors").write_bytes(b"other weights")
+    day.config = day.config.with_overrides(model=str(retrained))
+    session = day.session(REX.said)
+    fake = learner()
+    report = day.sleep(fake)
+    assert fake.night.blocks == [] and fake.night.model_path == retrained.resolve()
+    assert report.status == "promoted" and report.sessions == [session]
+    assert [block["sessions"] for block in day.manifest(2)["blocks"]] == [[session]]
+
+
+# -- what later nights replay ------------------------------------------------------------------------
+
+
+def test_a_later_night_wears_the_live_stack_and_replays_and_reteaches_earlier_nights(day):
+    porto = day.session(PORTO.said)
+    day.sleep(learner(), seeding=DISTILLED)
+    first = day.manifest(1)
+    day.session(REX.said)
+    fake = learner()
+    report = day.sleep(fake, seeding=DISTILLED)
+    assert report.status == "promoted" and report.retention == 1.0
+    assert report.training["superseded"] == 0
+    assert fake.night.blocks == [Adapter(Path(first["blocks"][0]["path"]), 1.0)]
+    replayed = [row for row in fake.night.trained if row.question and PORTO.asked_by(row.question)]
+    assert replayed and {row.completion for row in replayed} == {PORTO.answer}
+    reread = [p for p in fake.night.prompts(new_block=False) if PORTO.said in p and "What questions" in p]
+    assert reread  # the teacher read the earlier session again and wrote fresh questions about it
+    second = day.manifest(2)
+    assert second["parent"] == 1 and second["blocks"][0] == first["blocks"][0]
+    assert all(prompt in second["prompts"] for prompt in first["prompts"])
+    assert all(probe in second["probes"] for probe in first["probes"])
+    assert {p["session_id"] for p in second["probes"]} >= {porto}
+
+
+def test_a_newer_session_that_says_otherwise_wins_and_the_older_answer_leaves_replay(day):
+    day.session(PORTO.said)
+    assert day.sleep(learner(), seeding=DISTILLED).status == "promoted"
+    day.session(LYON.said)
+    fake = learner()
+    report = day.sleep(fake, seeding=DISTILLED)
+    assert report.status == "promoted", report.reason
+    assert report.training["superseded"] == 2  # night 1's prompt and its held-out probe
+    assert PORTO.answer not in {row.completion for row in fake.night.trained}
+    assert LYON.answer in {row.completion for row in fake.night.trained}
+    second = day.manifest(2)
+    assert PORTO.answer not in answers(second["prompts"], "answer") | answers(second["probes"], "reference")
+    fake.open(Path(day.config.model), blocks=adapters.live_stack(day.store).adapters())
+    assert fake.answer([{"role": "user", "content": "Where do I live?"}], new_block=False) == LYON.answer
+
+
+@pytest.mark.xfail(strict=True, reason="bug: supersede.related reads a framing's words ('hey', 'forgot', 'quick') "
+                                       "as topic words, so a framed held-out probe of the old answer is never "
+                                       "superseded and the gate counts the news as forgetting")
+def test_a_framed_probe_of_the_older_answer_leaves_the_gate_too(tmp_path):
+    # One question a fact: night 1's probe is that question led in by a framing ("Hey, where do I live?").
+    porto = Fact(PORTO.said, ("Where do I live?",), PORTO.answer)
+    lyon = replace(LYON, questions=("Which city is my home now?", "Where do I live?"),
+                   writes=("Which city is my home now?",))
+    verdicts = []
+    for seed in range(2):  # night 1's probe draws its framing; "Tell me, " alone has no topic word
+        day = open_day(tmp_path / f"home{seed}", tmp_path / "model")
+        with day.store:
+            day.session(porto.said)
+            day.sleep(FakeTrainer([porto, lyon], learns_after=LEARNS), seed=seed)
+            day.session(lyon.said)
+            verdicts.append(day.sleep(FakeTrainer([porto, lyon], learns_after=LEARNS), seed=seed).reason)
+    assert all(not reason.startswith("old memories faded") for reason in verdicts), verdicts
+
+
+# -- dreaming ----------------------------------------------------------------------------------------
+
+
+def test_a_night_that_dreams_journals_its_dreams_and_rehearses_under_noise(day):
+    day.session(PORTO.said)
+    day.sleep(learner())
+    day.session(REX.said, ZARA.said)
+    fake = learner()
+    dreaming = DreamSettings(steps=2, draws=2, keep_top=2, keep_random=1)
+    report = day.sleep(fake, dreams=dreaming)
+    assert report.status == "promoted" and report.dreaming["chosen"] in ("consolidated", "dreamt")
+    journal = day.store.sleep.dreams(report.run)
+    kept = [dream for dream in journal if dream["kept"]]
+    assert len(journal) == report.dreaming["written"] and 0 < len(kept) <= 3
+    assert {dream["reference"] for dream in kept} <= {fact.answer for fact in FACTS}
+    assert fake.night.scales[-1] == [1.0]  # the old block's noise is undone after writing
+    assert dreaming.lr in fake.night.loaded_lrs  # the dreams train a copy with their own rate
+
+
+# -- crash safety ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "call", "error"), [
+    ("generate", 1, FakeCrash("the engine fell over while the teacher wrote questions")),
+    ("train_step", 3, FakeCrash("out of memory at step 3")),
+    ("train_step", 2, KeyboardInterrupt()),
+    ("load_new_block_state", 1, FakeCrash("the gate's first candidate would not load")),
+    ("save_new_block", 1, FakeCrash("disk full while writing the block")),
+])
+def test_a_crash_mid_night_changes_nothing_live_and_the_next_night_succeeds(day, method, call, error):
+    day.session(PORTO.said)
+    assert day.sleep(learner()).status == "promoted"
+    later = day.session(REX.said)
+    before, blocks_before = day.live_state(), day.blocks_on_disk()
+    fake = learner()
+    fake.crash_on(method, call, error)
+    with pytest.raises(type(error)):
+        day.sleep(fake)
+    assert fake.night.calls[method] == call and fake.night.closed
+    run = day.store.sleep.last_run()
+    assert run["status"] == "failed" and run["error"] == (str(error) or type(error).__name__)
+    assert day.live_state() == before and day.pending() == [later]
+    left = day.blocks_on_disk() - blocks_before
+    if method == "save_new_block":  # the half-written folder stays on disk, and no version names it
+        assert len(left) == 1 and not any(name in blob.decode() for name in left for blob in day.manifests().values())
+    else:
+        assert left == set()
+    report = day.sleep(learner())
+    assert (report.status, report.adapter, report.sessions) == ("promoted", 2, [later])
+
+
+def test_a_run_left_running_by_a_killed_sleep_is_marked_interrupted(day):
+    killed = day.store.sleep.start_run()  # as a sleep killed with SIGKILL leaves its run
+    day.session(PORTO.said)
+    report = day.sleep(learner())
+    assert (day.store.sleep.run(killed)["status"], day.store.sleep.run(killed)["error"]) == ("failed", "interrupted")
+    assert day.store.sleep.run(report.run)["status"] == "complete"
