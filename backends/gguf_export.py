@@ -4,19 +4,26 @@ llama.cpp only reads GGUF, while the rest of Somnus (training, the torch and mlx
 Hugging Face safetensors and PEFT. This module is the one bridge, written on the ``gguf`` package:
 hyperparameters under llama.cpp's key names, tensors under llama.cpp's names (the ``gguf``
 package's name map of the model's architecture), the tokenizer as a byte-level BPE vocabulary
-(split like GPT-2, Llama 3 or Qwen2), and LoRA adapters in llama.cpp's adapter layout. The
-families it knows are those of ``_FAMILIES`` (Llama, Qwen2/2.5, Qwen3); Gemma 3 and any other
-architecture are refused by name.
+(split like GPT-2, Llama 3 or Qwen2) or a SentencePiece-style one (Gemma), and LoRA adapters in
+llama.cpp's adapter layout. The families it knows are those of ``_FAMILIES`` (Llama, Qwen2/2.5,
+Qwen3, Gemma 3 text); any other architecture is refused by name. An f32 export computes what
+torch computes to ~1e-6 in log-probability, except Gemma 3, whose GELU llama.cpp's CPU backend
+reads from an fp16 table: its log-probs stray up to ~6e-4 from torch's, its greedy text does not.
 
 Layout details that matter for equal outputs across engines:
 
 * Hugging Face rotates query/key halves (``rotate_half``). llama.cpp's Llama graph rotates
   adjacent pairs, so for Llama the rows of q_proj/k_proj (and of a LoRA's q/k ``lora_B``) are
-  permuted so that each head's two halves interleave; Qwen runs NEOX-style rope in llama.cpp,
-  which rotates halves like Hugging Face, so its rows are written as they are.
+  permuted so that each head's two halves interleave; Qwen and Gemma run NEOX-style rope in
+  llama.cpp, which rotates halves like Hugging Face, so their rows are written as they are.
+* Gemma's RMSNorm multiplies by ``1 + w`` where llama.cpp multiplies by ``w``, so Gemma's norm
+  weights are written plus one.
 * llama.cpp scales a LoRA by ``alpha / rank`` (rank read from ``lora_b``); PEFT by
   ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). The written alpha reproduces PEFT's scale, and a
   block whose rank differs (PEFT's rank_pattern) gets the difference folded into its ``lora_b``.
+* A SentencePiece-style BPE (Gemma's) goes as llama.cpp's ``llama`` tokenizer, which merges the
+  adjacent pair whose joined token scores highest rather than by a merge list, so each token scores
+  minus the rank of the first merge that makes it: the same merges in the same order.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ class _Family:
     arch: gguf.MODEL_ARCH
     hf_class: str  # config.json's ``architectures`` entry
     model_type: str  # config.json's ``model_type``
+    activation: str  # the only MLP activation llama.cpp's graph of this arch computes
     interleaves_rope: bool  # llama.cpp rotates adjacent pairs (Llama) rather than halves (NEOX)
+    norm_shift: float  # added to every RMSNorm weight: llama.cpp multiplies by w, Gemma by 1 + w
 
     @property
     def name(self) -> str:
@@ -53,23 +62,20 @@ class _Family:
 _FAMILIES = {
     family.name: family
     for family in (
-        _Family(gguf.MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", True),
-        _Family(gguf.MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", False),
-        _Family(gguf.MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", "qwen3", False),
+        _Family(gguf.MODEL_ARCH.LLAMA, "LlamaForCausalLM", "llama", "silu", True, 0.0),
+        _Family(gguf.MODEL_ARCH.QWEN2, "Qwen2ForCausalLM", "qwen2", "silu", False, 0.0),
+        _Family(gguf.MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", "qwen3", "silu", False, 0.0),
+        _Family(gguf.MODEL_ARCH.GEMMA3, "Gemma3ForCausalLM", "gemma3_text", "gelu_pytorch_tanh", False, 1.0),
     )
-}
-# Architectures llama.cpp runs, but not to within the engines' 1e-4 log-prob parity, by model_type.
-_REFUSED = {
-    "gemma3_text": (
-        "Gemma3ForCausalLM",
-        "llama.cpp's CPU GELU reads an fp16 table, so its log-probs stray ~1e-3 from torch's; use torch or mlx",
-    ),
 }
 # Split regexes of byte-level BPE tokenizers -> llama.cpp's tokenizer.ggml.pre for the same split.
 _SPLITS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
 }
+# The normalizer of a SentencePiece-style BPE that spells spaces as "▁" and adds no leading one.
+_SPACES_AS_METASPACE = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 _DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
 _IGNORED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
 
@@ -104,6 +110,8 @@ def export_model(hf_dir: Path, out_path: Path, dtype: str = "f32") -> Path:
             kind, name = found
             if kind == gguf.MODEL_TENSOR.TOKEN_EMBD and tensor.shape[0] != hparams.vocab_size:
                 raise BackendError(f"{hf_dir}: {tensor.shape[0]} embedding rows for vocab_size {hparams.vocab_size}")
+            if hf_name.endswith("norm.weight"):
+                tensor = tensor + family.norm_shift
             tensor = hparams.to_llamacpp_rows(kind, tensor)
             writer.add_tensor(name, tensor.astype(np_dtype if tensor.ndim > 1 else np.float32))
     return out_path
@@ -148,9 +156,6 @@ def export_lora(peft_dir: Path, out_path: Path, *, arch: str, n_head: int, n_hea
 def _family_of(config: dict, path: Path) -> _Family:
     """The family named by config.json's ``architectures`` (or, lacking it, its ``model_type``)."""
     architectures = config.get("architectures") or []
-    for model_type, (hf_class, reason) in _REFUSED.items():
-        if hf_class in architectures or config.get("model_type") == model_type:
-            raise BackendError(f"{path}: {hf_class} is not exported to GGUF: {reason}")
     for family in _FAMILIES.values():
         if family.hf_class in architectures or (not architectures and config.get("model_type") == family.model_type):
             return family
@@ -175,18 +180,51 @@ class _Hparams:
             self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
         except (KeyError, TypeError, ValueError) as error:
             raise BackendError(f"{path}: missing or invalid {family.hf_class} setting {error}") from None
-        self.family, self.path = family, path
-        if config.get("hidden_act", "silu") != "silu":
-            raise BackendError(f"{path}: activation {config['hidden_act']!r} is not {family.hf_class}'s silu")
+        self.family, self.config, self.path = family, config, path
+        # Gemma's config calls it hidden_activation; the others hidden_act.
+        activation = config.get("hidden_activation") or config.get("hidden_act") or family.activation
+        if activation != family.activation:
+            raise BackendError(f"{path}: activation {activation!r} is not {family.hf_class}'s {family.activation}")
         if config.get("use_sliding_window"):
             raise BackendError(f"{path}: sliding-window attention in {family.hf_class} is not supported by the GGUF export")
-        # transformers 5 nests RoPE settings in rope_parameters; 4.x keeps rope_theta/rope_scaling at the top.
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-        self.rope_type = rope.get("rope_type", rope.get("type", "default"))
-        self.rope_factor = float(rope.get("factor", 1.0))
+        # transformers 5 nests RoPE settings in rope_parameters (per layer type for Gemma 3);
+        # 4.x keeps rope_theta/rope_scaling (and Gemma's rope_local_base_freq) at the top.
+        rope = dict(config.get("rope_parameters") or {})
+        full, local = rope.get("full_attention"), rope.get("sliding_attention")
+        if full is None:
+            full = rope or dict(config.get("rope_scaling") or {})
+        self.rope_theta = float(full.get("rope_theta", config.get("rope_theta", 10000.0)))
+        self.rope_type = full.get("rope_type", full.get("type", "default"))
+        self.rope_factor = float(full.get("factor", 1.0))
         if self.rope_type not in ("default", "linear"):
             raise BackendError(f"{path}: RoPE scaling {self.rope_type!r} is not supported by the GGUF export")
+        if family.arch == gguf.MODEL_ARCH.GEMMA3:
+            local = local or {}
+            self.rope_theta_local = float(local.get("rope_theta", config.get("rope_local_base_freq", 10000.0)))
+            if local.get("rope_type", "default") != "default":
+                raise BackendError(f"{path}: RoPE scaling on sliding layers is not supported by the GGUF export")
+            self._check_gemma3()
+
+    def _check_gemma3(self) -> None:
+        """Refuse Gemma 3 settings llama.cpp's graph does not read from a GGUF file."""
+        config, path = self.config, self.path
+        if config.get("attn_logit_softcapping"):
+            raise BackendError(f"{path}: attention logit softcapping is not supported by llama.cpp's Gemma 3")
+        if config.get("use_bidirectional_attention"):
+            raise BackendError(f"{path}: bidirectional attention is not supported by llama.cpp's Gemma 3")
+        # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer 27B.
+        scalar = self.n_embd // self.n_head if self.n_layer == 62 else self.head_dim
+        if float(config.get("query_pre_attn_scalar", scalar)) != scalar:
+            raise BackendError(
+                f"{path}: query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from the {scalar} "
+                "that llama.cpp's Gemma 3 uses"
+            )
+        layer_types = config.get("layer_types") or [
+            "full_attention" if (i + 1) % int(config.get("sliding_window_pattern", 6)) == 0 else "sliding_attention"
+            for i in range(self.n_layer)
+        ]
+        self.sliding_layers = [kind == "sliding_attention" for kind in layer_types]
+        self.sliding_window = int(config.get("sliding_window") or 0)
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_context_length(self.context_length)
@@ -204,6 +242,13 @@ class _Hparams:
         if self.rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(self.rope_factor)
+        if self.family.arch == gguf.MODEL_ARCH.GEMMA3:
+            if self.config.get("final_logit_softcapping"):
+                writer.add_final_logit_softcapping(float(self.config["final_logit_softcapping"]))
+            if self.sliding_window and any(self.sliding_layers):
+                writer.add_sliding_window(self.sliding_window)
+                writer.add_sliding_window_pattern(self.sliding_layers)
+                writer.add_rope_freq_base_swa(self.rope_theta_local)
 
     def to_llamacpp_rows(self, kind: gguf.MODEL_TENSOR, tensor: np.ndarray) -> np.ndarray:
         """The tensor in llama.cpp's row order: Llama's q/k rows pair up for adjacent-pair rope."""
@@ -226,16 +271,17 @@ def _interleave_rope_halves(rows: np.ndarray, n_head: int, source: Path) -> np.n
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, config: dict) -> None:
-    """Write the byte-level BPE vocabulary (padded to ``vocab_size``), special ids and chat template."""
+    """Write the BPE vocabulary (padded to ``vocab_size``), special ids and chat template."""
     tokenizer_path = hf_dir / "tokenizer.json"
     tokenizer = _read_json(tokenizer_path)
     tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
     model = tokenizer.get("model") or {}
     pre_name = _pre_tokenizer_name(tokenizer.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or pre_name is None:
+    sentencepiece = _is_sentencepiece_bpe(tokenizer)
+    if model.get("type") != "BPE" or (pre_name is None and not sentencepiece):
         raise BackendError(
-            f"{tokenizer_path}: only byte-level BPE tokenizers that split text like GPT-2, Llama 3 or Qwen2 "
-            "can be exported"
+            f"{tokenizer_path}: only byte-level BPE tokenizers that split text like GPT-2, Llama 3 or Qwen2, "
+            "or SentencePiece-style BPE like Gemma's, can be exported"
         )
 
     ids = {token: int(i) for token, i in model["vocab"].items()}
@@ -250,14 +296,30 @@ def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, con
     for token, i in ids.items():
         tokens[i] = token
         types[i] = added_types.get(i, gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_name)
-    writer.add_token_list(tokens)
+    if sentencepiece:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        scores = [0.0] * vocab_size
+        for rank, (left, right) in reversed(list(enumerate(merges))):  # the first merge making a token wins
+            if left + right in ids:
+                scores[ids[left + right]] = -1.0 - rank
+        for token, i in ids.items():
+            if _BYTE_TOKEN.fullmatch(token) and i not in added_types:
+                types[i] = gguf.TokenType.BYTE
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(False)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_name)
+        writer.add_token_list(tokens)
+        writer.add_token_merges([" ".join(m) for m in merges])
     writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
     id_writers = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "pad": writer.add_pad_token_id}
+    if sentencepiece:  # the token llama.cpp's SentencePiece tokenizer writes for what no byte token spells
+        id_writers["unk"] = writer.add_unk_token_id
     for role, add_id in id_writers.items():
         token_id = _special_token_id(role, tokenizer_config, config, ids)
         if token_id is not None:
@@ -267,6 +329,16 @@ def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, con
     template = _chat_template(hf_dir, tokenizer_config)
     if template:
         writer.add_chat_template(template)
+
+
+def _is_sentencepiece_bpe(tokenizer: dict) -> bool:
+    """Whether the tokenizer is a SentencePiece BPE as Gemma's: spaces spelt "▁" (none added in front),
+    characters outside the vocabulary as byte tokens, and no split but at spaces, which are gone by then."""
+    model, pre = tokenizer.get("model") or {}, tokenizer.get("pre_tokenizer")
+    splits_nothing = pre is None or (
+        pre.get("type") == "Split" and pre.get("pattern") == {"String": " "} and not pre.get("invert")
+    )
+    return bool(model.get("byte_fallback")) and tokenizer.get("normalizer") == _SPACES_AS_METASPACE and splits_nothing
 
 
 def _pre_tokenizer_name(pre: dict) -> str | None:
