@@ -11,10 +11,15 @@ a list of ``Fact``s, read the way a chat model reads a session:
   was opened with (their memories are stored in the block files it saved) and, with the new block
   on, what training taught the new block, once the block is strong enough (``learns_after``).
 
-The new block's strength is its optimiser steps times the scale the gate tries it at, so a test
-scripts which of the gate's candidates recall, forget older nights' facts (``forgets``) or stop
-reading their context (``reading_lost_after``), and so drives the gate to promote or to reject.
-``crash_on`` makes a method raise at its n-th call of a night, for crash-safety tests.
+Training teaches a student's prompt the completion it is trained towards when that is a fact's
+answer to it (and then every phrasing of that fact); the student's own samples teach nothing, as
+distillation pulls them towards the teacher rather than towards themselves. The new block's
+strength is its optimiser steps times the scale the gate tries it at, so a test scripts which of
+the gate's candidates recall, forget older nights' facts (``forgets``) or stop reading their
+context (``reading_lost_after``), and so drives the gate to promote or to reject. ``respond``
+overrides any answer (canned responses); ``crash_on`` makes a method raise once, at its n-th call
+of a night. Each ``open`` starts a ``Night`` record: the prompts generated, the rows trained, the
+scales set, the blocks saved.
 
 ``FakeChatBackend`` is the chat side's ``Backend``: a canned reply, for recording (or not) a day.
 Tokens are UTF-8 bytes plus five special tokens, so encode and decode round-trip any text.

@@ -11,12 +11,21 @@ block strengths are 1, 2, 2 and 4; with ``learns_after=3`` only the whole 4-step
 
 from __future__ import annotations
 
+import inspect
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from fakes import Fact, FakeChatBackend, FakeCrash, FakeTrainer, make_model_folder
+from fakes import (
+    VOCAB,
+    Fact,
+    FakeChatBackend,
+    FakeCrash,
+    FakeTrainer,
+    make_model_folder,
+)
 
 from assistant import adapters
 from assistant.chat import Chat
@@ -29,7 +38,7 @@ from assistant.sleep.gate import GateSettings
 from assistant.sleep.lessons import QUESTION_REQUEST
 from assistant.sleep.seeding import SeedingSettings
 from assistant.store import Store, open_store
-from backends.base import Adapter
+from backends.base import Adapter, Backend, BlockTrainer, Sampling
 from backends.peft_io import read_lora
 
 PORTO = Fact("I live in Porto.", ("Where do I live?", "Which city do I live in?"), "You live in Porto.")
@@ -91,15 +100,28 @@ class Day:
                 adapters.live_stack(self.store))
 
 
-def open_day(home: Path, model_folder: Path) -> Day:
+def open_day(home: Path, model_folder: Path, database: Path | None = None) -> Day:
+    """A data folder at ``home``; ``database``: an empty store to start from (already migrated)."""
     paths = open_paths(home)
+    if database is not None:
+        shutil.copyfile(database, paths.database)
     config = load_config(paths).with_overrides(model=str(make_model_folder(model_folder)))
-    return Day(paths, config, open_store(paths, config))
+    store = open_store(paths, config)
+    store.db.execute("PRAGMA synchronous=OFF")  # these nights crash the process, never the machine: no fsync
+    return Day(paths, config, store)
+
+
+@pytest.fixture(scope="module")
+def empty_database(tmp_path_factory) -> Path:
+    """One migrated, empty store file that each test copies: migrating anew took most of a test's time."""
+    paths = open_paths(tmp_path_factory.mktemp("template"))
+    open_store(paths, Config()).close()
+    return paths.database
 
 
 @pytest.fixture
-def day(somnus_home, tmp_path):
-    day = open_day(somnus_home, tmp_path / "model")
+def day(somnus_home, tmp_path, empty_database):
+    day = open_day(somnus_home, tmp_path / "model", empty_database)
     yield day
     day.store.close()
 
@@ -110,6 +132,33 @@ def learner(**script) -> FakeTrainer:
 
 def answers(entries: list[dict], key: str) -> set[str]:
     return {entry[key] for entry in entries}
+
+
+# -- the fake itself ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fake", "protocol"), [(FakeTrainer(), BlockTrainer), (FakeChatBackend(), Backend)])
+def test_the_fakes_implement_the_engine_protocols_method_for_method(fake, protocol):
+    assert isinstance(fake, protocol)
+    methods = [name for name, member in vars(protocol).items() if inspect.isfunction(member) and name[0] != "_"]
+    for name in methods:
+        wanted, got = inspect.signature(getattr(protocol, name)), inspect.signature(getattr(type(fake), name))
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in wanted.parameters.values()], name
+
+
+def test_the_fakes_logits_are_sure_of_what_it_says_and_nothing_else():
+    fake = FakeTrainer([PORTO])
+    prompt = fake.render_chat([{"role": "user", "content": PORTO.said}, {"role": "assistant", "content": "Noted."},
+                               {"role": "user", "content": "Where do I live?"}])
+    [said] = fake.generate([prompt], Sampling(max_tokens=48), new_block=False)
+    right, wrong = fake.encode(said + "<|end|>"), fake.encode("You live in Lyon.<|end|>")
+    logits, mask = fake.completion_logits([fake.encode(prompt)] * 2, [right, wrong], new_block=False)
+    assert said == PORTO.answer and tuple(logits.shape) == (2, len(right), VOCAB)
+    assert mask.tolist() == [[1.0] * len(right), [1.0] * len(wrong) + [0.0] * (len(right) - len(wrong))]
+    targets = [right, wrong + [0] * (len(right) - len(wrong))]
+    sure = (fake.ops.take_along_last_axis(fake.ops.log_softmax(logits), targets) * mask).sum(dim=-1)
+    assert float(sure[0]) > -0.2 and float(sure[1]) < -20  # Lyon leaves what it would say at "L"
 
 
 # -- which sessions a night selects -----------------------------------------------------------------
@@ -370,14 +419,14 @@ def test_a_newer_session_that_says_otherwise_wins_and_the_older_answer_leaves_re
 @pytest.mark.xfail(strict=True, reason="bug: supersede.related reads a framing's words ('hey', 'forgot', 'quick') "
                                        "as topic words, so a framed held-out probe of the old answer is never "
                                        "superseded and the gate counts the news as forgetting")
-def test_a_framed_probe_of_the_older_answer_leaves_the_gate_too(tmp_path):
+def test_a_framed_probe_of_the_older_answer_leaves_the_gate_too(tmp_path, empty_database):
     # One question a fact: night 1's probe is that question led in by a framing ("Hey, where do I live?").
     porto = Fact(PORTO.said, ("Where do I live?",), PORTO.answer)
     lyon = replace(LYON, questions=("Which city is my home now?", "Where do I live?"),
                    writes=("Which city is my home now?",))
     verdicts = []
     for seed in range(2):  # night 1's probe draws its framing; "Tell me, " alone has no topic word
-        day = open_day(tmp_path / f"home{seed}", tmp_path / "model")
+        day = open_day(tmp_path / f"home{seed}", tmp_path / "model", empty_database)
         with day.store:
             day.session(porto.said)
             day.sleep(FakeTrainer([porto, lyon], learns_after=LEARNS), seed=seed)
