@@ -205,6 +205,23 @@ def test_a_session_that_went_on_after_a_sleep_is_slept_on_for_its_new_part(day):
     assert day.pending() == []
 
 
+def test_after_a_rollback_the_retired_nights_sessions_are_slept_on_again_on_the_parents_stack(day):
+    porto = day.session(PORTO.said)
+    day.sleep(learner())
+    rex = day.session(REX.said)
+    day.sleep(learner())
+    assert day.store.sleep.rollback()["version"] == 1
+    assert day.pending() == [rex]
+    fake = learner()
+    report = day.sleep(fake)
+    assert (report.status, report.adapter, report.sessions) == ("promoted", 3, [rex])
+    assert fake.night.blocks == adapters.live_stack(day.store).adapters()[:1]  # v1's block only, not v2's
+    third = day.manifest(3)
+    assert third["parent"] == 1 and [block["sessions"] for block in third["blocks"]] == [[porto], [rex]]
+    assert [(a["version"], a["status"]) for a in day.store.sleep.adapters()] == [
+        (3, "live"), (2, "retired"), (1, "retired")]
+
+
 def test_a_private_chat_is_never_recorded_so_never_slept_on(day):
     backend = FakeChatBackend()
     Chat(backend, model="fake", store=day.store, private=True).reply(ZARA.said)
