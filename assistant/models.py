@@ -153,12 +153,12 @@ def import_model(source: Path, paths: Paths, name: str | None = None, progress: 
     as ``name`` (from the file's own name by default).
     """
     from backends.base import BackendError
-    from backends.gguf_import import gguf_name, import_gguf
+    from backends.gguf_import import import_gguf
 
     source = Path(source).expanduser()
     if not source.is_file():
         raise ModelError(f"model file {source} not found")
-    name = name or _name_for(source, gguf_name(source))
+    name = name or _name_for(source)
     if not _NAME.match(name) or name == NANO or name in PACKAGED and source != _packaged_file(name):
         raise ModelError(f"{name!r} cannot name an imported model: use lower-case letters, digits, '.', '_' "
                          f"or '-', and not nano{', ' + ', '.join(PACKAGED) if PACKAGED else ''}")
@@ -283,9 +283,11 @@ def require_trainable(model: Model, what: str) -> None:
                          f"import it once with `somnus model import {model.path}` and use the name it prints")
 
 
-def _name_for(source: Path, declared: str | None) -> str:
-    """A model name from the GGUF's own name (or its file name), lower-cased, quantization dropped."""
-    stem = declared or re.sub(r"[.-](q\d\w*|f16|f32|bf16)$", "", source.stem, flags=re.IGNORECASE)
+def _name_for(source: Path) -> str:
+    """A model name from the file's name, lower-cased, its quantization dropped: file names say what
+    people call a model ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"), while the name inside a GGUF
+    often says how it was made ("Qwen2.5 Coder 0.5B Instruct AWQ")."""
+    stem = re.sub(r"[.-](i?q\d\w*|f16|f32|bf16)$", "", source.stem, flags=re.IGNORECASE)
     return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "imported"
 
 

@@ -38,17 +38,6 @@ def gguf_architecture(path: Path) -> str:
         raise BackendError(f"{path}: not a readable GGUF model file ({error})") from None
 
 
-def gguf_name(path: Path) -> str | None:
-    """``general.name`` of the GGUF, when it has one."""
-    import gguf
-
-    try:
-        field = gguf.GGUFReader(str(path)).fields["general.name"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except (KeyError, ValueError, IndexError, OSError, UnicodeDecodeError):
-        return None
-
-
 def import_gguf(source: Path, out_dir: Path, progress: Progress | None = None) -> Path:
     """Write the model in the GGUF ``source`` to the new folder ``out_dir`` (config, bf16 safetensors,
     tokenizer with its chat template). ``out_dir`` appears whole or not at all.

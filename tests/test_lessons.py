@@ -131,3 +131,9 @@ def test_the_most_specific_word_finds_the_sentence_and_a_common_one_does_not():
     visit = _heard("Eric works as a gardener. I'm seeing the lawyer on Sunday at 4 pm.")
     assert lessons.told("When is my lawyer appointment?", "Your lawyer appointment is on Sunday at 4 pm.", visit)
     assert lessons.told("When is the appointment?", "The appointment is on Sunday at 4 pm.", visit)  # about no one
+
+
+def test_a_lead_in_comes_off_again_and_a_plain_question_stays_as_it_is():
+    for framing in lessons.FRAMINGS:
+        assert lessons.unframed(lessons.framed("Where do I live?", framing)).lower() == "where do i live?"
+    assert lessons.unframed("Hey Jude, where do I live?") == "Hey Jude, where do I live?"

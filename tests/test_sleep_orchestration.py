@@ -433,9 +433,6 @@ def test_a_newer_session_that_says_otherwise_wins_and_the_older_answer_leaves_re
     assert fake.answer([{"role": "user", "content": "Where do I live?"}], new_block=False) == LYON.answer
 
 
-@pytest.mark.xfail(strict=True, reason="bug: supersede.related reads a framing's words ('hey', 'forgot', 'quick') "
-                                       "as topic words, so a framed held-out probe of the old answer is never "
-                                       "superseded and the gate counts the news as forgetting")
 def test_a_framed_probe_of_the_older_answer_leaves_the_gate_too(tmp_path, empty_database):
     # One question a fact: night 1's probe is that question led in by a framing ("Hey, where do I live?").
     porto = Fact(PORTO.said, ("Where do I live?",), PORTO.answer)

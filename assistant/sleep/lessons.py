@@ -67,6 +67,16 @@ def framed(question: str, framing: str) -> str:
     return framing.format(question)
 
 
+def unframed(question: str) -> str:
+    """``question`` without the lead-in ``framed`` put before it ("Hey, where do I live?" asks
+    "where do I live?"): a lead-in says nothing about what is asked."""
+    for framing in FRAMINGS:
+        lead_in = framing.removesuffix("{}")
+        if question.lower().startswith(lead_in.lower()):
+            return question[len(lead_in):]
+    return question
+
+
 def said(context: Sequence[dict]) -> str:
     """The user's words in a context, one turn per line (a knowledge context's single turn)."""
     return "\n".join(m["content"] for m in context if m["role"] == "user")

@@ -41,7 +41,7 @@ def topic_words(text: str) -> set[str]:
 def related(question: str, sessions: Sequence[str]) -> list[int]:
     """Indexes of the ``sessions`` (the user's words) with a sentence about every topic word of
     ``question`` (none for a question with no topic word)."""
-    asked = topic_words(question)
+    asked = topic_words(lessons.unframed(question))
     if not asked:
         return []
     return [index for index, said in enumerate(sessions)
