@@ -83,6 +83,13 @@ def test_measures():
     assert {(q.slot, q.value) for q in bench.latest_questions(nights)} == {("a", "1"), ("b", "3")}
 
 
+def test_each_recall_comes_with_its_wilson_interval():
+    assert bench.wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    low, high = bench.wilson(0.0, 67)  # no hit in 67 probes still allows up to about 5%
+    assert low == 0.0 and high == pytest.approx(0.0542, abs=1e-4)
+    assert bench.wilson(None, 10) is None and bench.wilson(0.5, 0) is None
+
+
 def test_every_night_pools_its_probes_weighted_by_their_number():
     pooled = bench.each_night([0.5, 1.0, None], [1.0, 1.0, None], [0.0, 0.5, None], probes=[2, 6, 0])
     assert pooled["recall"] == pytest.approx((0.5 * 2 + 1.0 * 6) / 8)
@@ -116,6 +123,8 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
     for method in generated["methods"].values():
         assert method["seconds"] >= 0 and method["cpu_seconds"] >= 0 and method["peak_rss_mb"] > 0
         assert method["probes"] == 4
+        assert method["reading"] == generated["methods"]["in_context"]["recall"]
+        assert tuple(method["recall_interval"]) == pytest.approx(bench.wilson(method["recall"], 4))
     assert generated["retention"] is None or generated["retention"] >= 0
     assert -100 <= generated["in_context_drop"] <= 100
     each = generated["each_night"]

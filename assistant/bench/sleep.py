@@ -10,7 +10,10 @@ Methods, each from the bare model, on night 1's sessions:
 ``in_context`` (upper bound: the probe asked after its session), ``floor`` (no context, no sleep),
 ``sleep`` (the full cycle), ``finetune`` (next-token loss on the raw transcripts, same LoRA spec and
 learning rate, for the wall-clock time the sleep took) and ``distill_only`` (the cycle without its
-LTI term). ``cr`` = (recall - floor) / (in_context - floor), None when in_context == floor. More
+LTI term). ``cr`` = (recall - floor) / (in_context - floor), None when in_context == floor; every
+method also reports its absolute ``recall`` with its 95% Wilson ``recall_interval`` over ``probes``,
+and ``reading``, the in-context recall its CR divides by (a model that reads one fact in nine can
+show CR 1.0 while recalling one fact in nine). More
 cycle variants (issue 6's ablations) are one entry in ``CYCLE_VARIANTS``.
 
 Each method runs in its own child process, forked from a server that has imported the libraries
@@ -182,6 +185,16 @@ def consolidation_ratio(recall: float | None, floor: float | None, in_context: f
     return (recall - floor) / (in_context - floor)
 
 
+def wilson(share: float | None, probes: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a recall ``share`` over ``probes`` questions: honest at the
+    bench's few probes and at 0% or 100%, where the normal approximation's interval collapses."""
+    if share is None or not probes:
+        return None
+    centre = (share + z * z / (2 * probes)) / (1 + z * z / probes)
+    half = z * ((share * (1 - share) / probes + z * z / (4 * probes * probes)) ** 0.5) / (1 + z * z / probes)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def each_night(recalls: Sequence[float | None], in_context: Sequence[float | None], floor: Sequence[float | None],
                probes: Sequence[int]) -> dict:
     """Every night's probes asked right after that night, pooled over the nights (each weighted by
@@ -192,8 +205,8 @@ def each_night(recalls: Sequence[float | None], in_context: Sequence[float | Non
         return sum(v * c for v, c in weighted) / sum(c for _, c in weighted) if weighted else None
 
     recall, ceiling, bottom = pool(recalls), pool(in_context), pool(floor)
-    return {"recall": recall, "in_context": ceiling, "floor": bottom,
-            "cr": consolidation_ratio(recall, bottom, ceiling), "probes": sum(probes)}
+    return {"recall": recall, "recall_interval": wilson(recall, sum(probes)), "in_context": ceiling,
+            "floor": bottom, "cr": consolidation_ratio(recall, bottom, ceiling), "probes": sum(probes)}
 
 
 def unsuperseded(nights: Sequence[Night]) -> list[int]:
@@ -456,7 +469,9 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     floor, ceiling = methods["floor"]["recall"], methods["in_context"]["recall"]
     for method in methods.values():
         method["cr"] = consolidation_ratio(method["recall"], floor, ceiling)
+        method["reading"] = ceiling  # what CR divides by: the same probes read with their session
         method["probes"] = len(nights[0].questions)
+        method["recall_interval"] = wilson(method["recall"], method["probes"])
     ablations = ablate(config, nights, settings, slept, bare, say) if len(nights) >= ABLATION_NIGHT else {}
     methods.update({name: row for name, row in ablations.items() if name != "sleep"})
     after = slept["in_context_after"]
@@ -492,8 +507,9 @@ def ablate(config: Config, nights: Sequence[Night], settings: SleepSettings, sle
     result = {}
     for name, row in rows.items():
         result[name] = {key: row[key] for key in NIGHT_KEYS}
-        result[name].update(cr=consolidation_ratio(row["recall"], floor, ceiling), night=ABLATION_NIGHT,
-                            probes=len(night.questions), chosen=row.get("chosen"))
+        result[name].update(cr=consolidation_ratio(row["recall"], floor, ceiling), reading=ceiling,
+                            night=ABLATION_NIGHT, probes=len(night.questions), chosen=row.get("chosen"),
+                            recall_interval=wilson(row["recall"], len(night.questions)))
     return result
 
 
@@ -538,7 +554,8 @@ def run(
 def results_table(result: dict) -> Table:
     """Methods (recall, CR, seconds, peak RSS) then the night-after-night measures, per data set."""
     table = Table(title=f"Somnus sleep benchmark ({Path(result['model']).name}, seed {result['seed']})")
-    for column in ("data set", "method / measure", "recall", "CR", "seconds", "CPU s", "peak RSS MB"):
+    for column in ("data set", "method / measure", "recall", "95% interval", "CR", "reading", "seconds", "CPU s",
+                   "peak RSS MB"):
         table.add_column(column, justify="left" if column in ("data set", "method / measure") else "right")
     skipped = []
     for name in ("generated", "babi"):
@@ -553,23 +570,29 @@ def results_table(result: dict) -> Table:
         for method, row in rows:
             note = f" ({row['status']})" if "status" in row else ""
             note += f", night {row['night']}" if "night" in row else ""
-            table.add_row(name, method + note, _percent(row["recall"]), _number(row["cr"]),
-                          f"{row['seconds']:.1f}", f"{row['cpu_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
+            table.add_row(name, method + note, _percent(row["recall"]), _interval(row.get("recall_interval")),
+                          _number(row["cr"]), _percent(row.get("reading")), f"{row['seconds']:.1f}",
+                          f"{row['cpu_seconds']:.1f}", f"{row['peak_rss_mb']:.0f}")
         nights, drop, each = data["nights"], data["in_context_drop"], data["each_night"]
         table.add_row(name, f"every night's probes after that night ({each['probes']}, "
-                            f"{each['promoted']}/{nights} promoted)", _percent(each["recall"]), _number(each["cr"]))
+                            f"{each['promoted']}/{nights} promoted)", _percent(each["recall"]),
+                      _interval(each.get("recall_interval")), _number(each["cr"]), _percent(each["in_context"]))
         table.add_row(name, "  the same probes read in context", _percent(each["in_context"]))
         table.add_row(name, "  the same probes asked alone before sleep", _percent(each["floor"]))
         table.add_row(name, f"retention of night 1 after {nights} nights", _percent(data["retention"]))
         table.add_row(name, f"latest values after {nights} nights", _percent(data["latest_recall"]))
         table.add_row(name, "in-context drop, points", "n/a" if drop is None else f"{drop:.1f}")
-        table.add_row(name, "median night", "", "", f"{data['seconds_per_night']:.1f}", end_section=True)
+        table.add_row(name, "median night", "", "", "", "", f"{data['seconds_per_night']:.1f}", end_section=True)
     table.caption = "; ".join(skipped + [f"total {result['seconds']:.0f} s"])
     return table
 
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    return "n/a" if bounds is None else f"{bounds[0]:.0%}-{bounds[1]:.0%}"
 
 
 def _number(value: float | None) -> str:
