@@ -6,7 +6,10 @@ tested against, so generation is a plain token loop whose every step is easy to 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -39,12 +42,14 @@ class TorchBackend:
         self.device = torch.device(device) if device is not None else pick_device()
         dtype = torch.float32 if self.device.type == "cpu" else "auto"
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-            base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+            with _no_progress_bars():
+                self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+                base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise BackendError(f"{hf_dir}: cannot load the model ({_first_line(error)})") from error
         self.base_model = base.to(self.device).eval()
         self.model: torch.nn.Module = self.base_model  # the base, or a PeftModel wrapping it
+        self.cache_name = cache_argument(base)
         self.context_length = int(base.config.max_position_embeddings)
         self.linear_shapes = {  # (out, in) of the bare model's layers, which adapters must fit
             name: tuple(module.weight.shape)
@@ -86,8 +91,8 @@ class TorchBackend:
         for _ in range(budget):
             if cancel is not None and cancel.is_set():
                 return
-            output = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = self.model(input_ids=inputs, use_cache=True, **{self.cache_name: cache})
+            cache = getattr(output, self.cache_name)
             token = _pick_token(output.logits[0, -1].float().cpu(), sampling, generator)
             if token in self.end_token_ids:
                 break
@@ -121,7 +126,8 @@ class TorchBackend:
         names = [f"adapter{index}" for index in range(len(adapters))]
         # Wrap first, load after: even a failed load leaves a handle that the next call unloads.
         first_config = LoraConfig.from_pretrained(str(adapters[0].path))
-        self.model = peft_model = PeftModel(self.base_model, first_config, adapter_name=names[0])
+        with peft_wrapping():
+            self.model = peft_model = PeftModel(self.base_model, first_config, adapter_name=names[0])
         for name, adapter in zip(names, adapters):
             peft_model.load_adapter(str(adapter.path), adapter_name=name)
         peft_model.base_model.set_adapter(names, inference_mode=True)
@@ -141,6 +147,35 @@ class TorchBackend:
         self.model = self.base_model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes and returns its KV cache: ``cache`` since
+    transformers 5.25 (which warns about the old name), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around ``PeftModel(...)``: PEFT reads transformers' deprecated ``is_gradient_checkpointing``, a
+    FutureWarning about their code that would reach the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Loading weights" bar stays off the user's terminal; its setting is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

@@ -28,7 +28,7 @@ import torch
 
 from backends.base import Adapter, BackendError, LoraSpec, Sampling
 from backends.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraBlock, check_lora_fits, read_lora
-from backends.torch_backend import TorchBackend
+from backends.torch_backend import TorchBackend, peft_wrapping
 
 NEW_BLOCK = "new"  # PEFT adapter name of the trainable block; older blocks are "block0", "block1", ...
 GRAD_CLIP = 1.0  # max L2 norm of the new block's gradient per step: one odd batch cannot wreck the block
@@ -62,12 +62,12 @@ class TorchBlockTrainer:
         for block in blocks:  # every folder is checked before the model is touched
             check_lora_fits(block.path, read_lora(block.path), engine.linear_shapes)
         self.hf_dir, self.device, self.tokenizer = engine.hf_dir, engine.device, engine.tokenizer
-        self.render_chat = engine.render_chat
+        self.render_chat, self.cache_name = engine.render_chat, engine.cache_name
         self.context_length, self.end_token_ids = engine.context_length, engine.end_token_ids
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
         try:
-            with torch.random.fork_rng(devices=[]):  # seeded init, without disturbing the caller's RNG
+            with torch.random.fork_rng(devices=[]), peft_wrapping():  # seeded init, caller's RNG untouched
                 torch.manual_seed(seed)
                 self.model = PeftModel(engine.base_model, config, adapter_name=NEW_BLOCK)
         except ValueError as error:
@@ -137,9 +137,9 @@ class TorchBlockTrainer:
         for _ in range(budget):
             output = self.model(
                 input_ids=inputs, attention_mask=attention, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                use_cache=True, logits_to_keep=1, **{self.cache_name: cache},
             )
-            cache = output.past_key_values
+            cache = getattr(output, self.cache_name)
             tokens = _pick_tokens(output.logits[:, -1].float().cpu(), sampling, generator).tolist()
             for row, token in zip(live, tokens):
                 if token not in self.end_token_ids:

@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random models (Llama, Qwen2, Qwen3, Gemma 3) with the project's real tokenizer,
-the Llama one exported to GGUF, and an isolated home."""
+the Llama one exported to GGUF, PEFT adapters for it and broken copies of it, and an isolated home."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,6 +102,45 @@ def tiny_models(tmp_path_factory) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_models) -> Path:
     return tiny_models("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT LoRAs with random, non-zero B for the tiny Llama, and one made for a model of another width."""
+    from helpers import make_peft_lora
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    other = LlamaForCausalLM(
+        LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )
+    other.save_pretrained(str(root / "other-base"))
+    return {
+        "first": make_peft_lora(tiny_model_dir, root / "first", seed=1),
+        "second": make_peft_lora(tiny_model_dir, root / "second", seed=2),
+        "other_model": make_peft_lora(root / "other-base", root / "other-model", seed=3),
+    }
+
+
+@pytest.fixture
+def truncated_model_dir(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the tiny model whose weights file stops halfway, like an interrupted download."""
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken-model")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return broken
+
+
+@pytest.fixture
+def templateless_model_dir(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the tiny model whose tokenizer has no chat template."""
+    bare = shutil.copytree(tiny_model_dir, tmp_path / "no-template")
+    config_path = bare / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    return bare
 
 
 @pytest.fixture(scope="module")

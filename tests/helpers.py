@@ -1,16 +1,22 @@
 """Helpers shared by several test modules (not fixtures, which live in conftest.py).
 
-PEFT LoRA folders with non-zero adapters, and transformers' own logits as the reference that
-the llama.cpp export and engine are checked against.
+PEFT LoRA folders with non-zero adapters, transformers' own logits as the reference that the
+llama.cpp export and engine are checked against, and checks every engine must pass on the tiny Llama.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from backends.base import Backend, Sampling
+
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 4, 8
+PROMPT_MESSAGES = [{"role": "user", "content": "My sister is called Alice. Where is John?"}]
+COMPLETION = "John travelled to the hallway.<|im_end|>"
 
 
 def make_peft_lora(model_dir: Path, out_dir: Path, seed: int, **lora_options) -> Path:
@@ -19,7 +25,7 @@ def make_peft_lora(model_dir: Path, out_dir: Path, seed: int, **lora_options) ->
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGET_MODULES, **lora_options}
+    options = {"r": LORA_RANK, "lora_alpha": LORA_ALPHA, "target_modules": TARGET_MODULES, **lora_options}
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(**options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -49,3 +55,29 @@ def torch_logits(model_dir: Path, ids: list[int], adapters: list[tuple[Path, flo
                     module.scaling[name] *= scale
     with torch.no_grad():
         return model.eval()(torch.tensor([ids])).logits[0].numpy()
+
+
+def check_stops_at_end_token(backend: Backend, greedy_ids: list[int], decode) -> None:
+    """Any engine: pretend a token the model greedily writes ends the turn; the stream stops before it."""
+    stop_at = next(i for i, token in enumerate(greedy_ids) if i > 0 and token not in greedy_ids[:i])
+    usual = backend.end_token_ids
+    backend.end_token_ids = frozenset({greedy_ids[stop_at]})
+    try:
+        text = "".join(backend.stream(backend.render_chat(PROMPT_MESSAGES), Sampling(max_tokens=len(greedy_ids))))
+    finally:
+        backend.end_token_ids = usual
+    assert text == decode(greedy_ids[:stop_at])
+
+
+def check_cancel_stops_between_tokens(backend: Backend) -> None:
+    """Any engine: a set event ends the stream before the next token."""
+    prompt = backend.render_chat(PROMPT_MESSAGES)
+    cancel = threading.Event()
+    cancel.set()
+    assert list(backend.stream(prompt, Sampling(max_tokens=20), cancel)) == []
+    cancel.clear()
+    received = []
+    for piece in backend.stream(prompt, Sampling(max_tokens=20), cancel):
+        received.append(piece)
+        cancel.set()
+    assert len(received) == 1

@@ -13,16 +13,13 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
-from test_torch_backend import (  # noqa: F401 (fixtures among them)
+from helpers import (
     COMPLETION,
     PROMPT_MESSAGES,
-    adapters,
     check_cancel_stops_between_tokens,
     check_stops_at_end_token,
-    templateless_model_dir,
-    truncated_model_dir,
 )
+from mlx_lm.generate import generate_step
 
 from backends.base import Adapter, Backend, BackendError, Sampling
 from backends.mlx_backend import MlxBackend
@@ -71,13 +68,13 @@ def test_bare_model_agrees_with_torch(engines):
     assert_engines_agree(mlx_engine, torch_engine)
 
 
-def test_stacked_adapters_agree_with_torch_and_detach_exactly(engines, adapters):  # noqa: F811
+def test_stacked_adapters_agree_with_torch_and_detach_exactly(engines, tiny_adapters):
     mlx_engine, torch_engine = engines
     prompt = mlx_engine.render_chat(PROMPT_MESSAGES)
     bare = mlx_engine.token_logprobs(prompt, COMPLETION)
     for stack in (
-        [Adapter(adapters["first"], 1.0)],
-        [Adapter(adapters["first"], 0.5), Adapter(adapters["second"], -1.5)],
+        [Adapter(tiny_adapters["first"], 1.0)],
+        [Adapter(tiny_adapters["first"], 0.5), Adapter(tiny_adapters["second"], -1.5)],
     ):
         mlx_engine.set_adapters(stack)
         torch_engine.set_adapters(stack)
@@ -122,13 +119,13 @@ def test_rope_parameters_written_by_transformers_5_are_honoured(tiny_model_dir, 
     )
 
 
-def test_bad_inputs_are_refused(engines, adapters, truncated_model_dir, templateless_model_dir):  # noqa: F811
+def test_bad_inputs_are_refused(engines, tiny_adapters, truncated_model_dir, templateless_model_dir):
     mlx_engine, _ = engines
     prompt = mlx_engine.render_chat(PROMPT_MESSAGES)
-    mlx_engine.set_adapters([Adapter(adapters["first"], 1.0)])
+    mlx_engine.set_adapters([Adapter(tiny_adapters["first"], 1.0)])
     before = mlx_engine.token_logprobs(prompt, COMPLETION)
-    with pytest.raises(BackendError, match=re.escape(str(adapters["other_model"]))):
-        mlx_engine.set_adapters([Adapter(adapters["other_model"], 1.0)])
+    with pytest.raises(BackendError, match=re.escape(str(tiny_adapters["other_model"]))):
+        mlx_engine.set_adapters([Adapter(tiny_adapters["other_model"], 1.0)])
     assert mlx_engine.token_logprobs(prompt, COMPLETION) == before
     with pytest.raises(BackendError, match=re.escape(str(truncated_model_dir / "model.safetensors"))):
         MlxBackend(truncated_model_dir)

@@ -2,40 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers import (  # LORA_RANK and LORA_ALPHA are also imported from here by test_torch_trainer
+    COMPLETION,
+    LORA_ALPHA,
+    LORA_RANK,
+    PROMPT_MESSAGES,
+    check_cancel_stops_between_tokens,
+    check_stops_at_end_token,
+)
+from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.base import Adapter, Backend, BackendError, Sampling
 from backends.incremental_text import IncrementalText
 from backends.torch_backend import TorchBackend
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA_RANK, LORA_ALPHA = 4, 8
-PROMPT_MESSAGES = [{"role": "user", "content": "My sister is called Alice. Where is John?"}]
-COMPLETION = "John travelled to the hallway.<|im_end|>"
-
-
-def make_adapter(model: torch.nn.Module, out_dir: Path, seed: int) -> Path:
-    """Save a PEFT LoRA for ``model`` whose B matrices are random, so it really changes outputs."""
-    peft_model = get_peft_model(
-        model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0)
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(str(out_dir))
-    return out_dir
 
 
 def load_reference(hf_dir: Path) -> torch.nn.Module:
@@ -43,18 +30,9 @@ def load_reference(hf_dir: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """Two adapters for the tiny model, and one made for a model with another hidden size."""
-    root = tmp_path_factory.mktemp("adapters")
-    other = LlamaForCausalLM(
-        LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2)
-    )
-    return {
-        "first": make_adapter(load_reference(tiny_model_dir), root / "first", seed=1),
-        "second": make_adapter(load_reference(tiny_model_dir), root / "second", seed=2),
-        "other_model": make_adapter(other, root / "other-model", seed=3),
-    }
+def adapters(tiny_adapters) -> dict[str, Path]:
+    """conftest's tiny_adapters, under the name test_torch_trainer and test_mlx_trainer import from here."""
+    return tiny_adapters
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +93,6 @@ def test_greedy_stream_matches_transformers_generate(backend, reference):
     assert "".join(pieces) == tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def check_stops_at_end_token(backend: Backend, greedy_ids: list[int], decode) -> None:
-    """Any engine: pretend a token the model greedily writes ends the turn; the stream stops before it."""
-    stop_at = next(i for i, token in enumerate(greedy_ids) if i > 0 and token not in greedy_ids[:i])
-    usual = backend.end_token_ids
-    backend.end_token_ids = frozenset({greedy_ids[stop_at]})
-    try:
-        text = "".join(backend.stream(backend.render_chat(PROMPT_MESSAGES), Sampling(max_tokens=len(greedy_ids))))
-    finally:
-        backend.end_token_ids = usual
-    assert text == decode(greedy_ids[:stop_at])
-
-
 def test_stream_stops_at_end_of_turn_without_showing_it(backend, reference):
     model, tokenizer = reference
     ends = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
@@ -143,20 +109,6 @@ def test_seeded_sampling_is_reproducible(backend):
     first = "".join(backend.stream(prompt, hot))
     assert first == "".join(backend.stream(prompt, hot))
     assert first != "".join(backend.stream(prompt, Sampling(max_tokens=20, temperature=1.0, top_p=0.9, seed=8)))
-
-
-def check_cancel_stops_between_tokens(backend: Backend) -> None:
-    """Any engine: a set event ends the stream before the next token."""
-    prompt = backend.render_chat(PROMPT_MESSAGES)
-    cancel = threading.Event()
-    cancel.set()
-    assert list(backend.stream(prompt, Sampling(max_tokens=20), cancel)) == []
-    cancel.clear()
-    received = []
-    for piece in backend.stream(prompt, Sampling(max_tokens=20), cancel):
-        received.append(piece)
-        cancel.set()
-    assert len(received) == 1
 
 
 def test_cancel_stops_between_tokens(backend):
@@ -184,13 +136,13 @@ def test_token_logprobs_match_a_direct_forward_pass(backend, reference):
     assert bool((ours < 0).all())
 
 
-def test_one_adapter_matches_peft(backend, reference, adapters, tiny_model_dir):
+def test_one_adapter_matches_peft(backend, reference, tiny_adapters, tiny_model_dir):
     _, tokenizer = reference
     prompt = prompt_of(backend)
     bare = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
-    backend.set_adapters([Adapter(adapters["first"], 1.0)])
+    backend.set_adapters([Adapter(tiny_adapters["first"], 1.0)])
     adapted = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
-    peft_model = PeftModel.from_pretrained(load_reference(tiny_model_dir), str(adapters["first"])).eval()
+    peft_model = PeftModel.from_pretrained(load_reference(tiny_model_dir), str(tiny_adapters["first"])).eval()
     expected = reference_logprobs(peft_model, tokenizer, prompt, COMPLETION)
     torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-6)
     assert (adapted - bare).abs().max() > 0.05
@@ -210,22 +162,22 @@ def merged_by_hand(hf_dir: Path, scaled_adapters: list[tuple[Path, float]]) -> t
     return model
 
 
-def test_stacked_adapters_add_up_with_their_scales(backend, reference, adapters, tiny_model_dir):
+def test_stacked_adapters_add_up_with_their_scales(backend, reference, tiny_adapters, tiny_model_dir):
     _, tokenizer = reference
     prompt = prompt_of(backend)
-    backend.set_adapters([Adapter(adapters["second"], 1.0)])  # replaced below, not kept
-    backend.set_adapters([Adapter(adapters["first"], 0.5), Adapter(adapters["second"], -1.5)])
+    backend.set_adapters([Adapter(tiny_adapters["second"], 1.0)])  # replaced below, not kept
+    backend.set_adapters([Adapter(tiny_adapters["first"], 0.5), Adapter(tiny_adapters["second"], -1.5)])
     stacked = torch.tensor(backend.token_logprobs(prompt, COMPLETION))
-    merged = merged_by_hand(tiny_model_dir, [(adapters["first"], 0.5), (adapters["second"], -1.5)])
+    merged = merged_by_hand(tiny_model_dir, [(tiny_adapters["first"], 0.5), (tiny_adapters["second"], -1.5)])
     expected = reference_logprobs(merged, tokenizer, prompt, COMPLETION)
     torch.testing.assert_close(stacked, expected, rtol=0, atol=1e-5)
 
 
-def test_no_adapters_restores_the_base_bit_for_bit(backend, adapters, tiny_model_dir):
+def test_no_adapters_restores_the_base_bit_for_bit(backend, tiny_adapters, tiny_model_dir):
     prompt = prompt_of(backend)
     bare = backend.token_logprobs(prompt, COMPLETION)
     bare_text = "".join(backend.stream(prompt, Sampling(max_tokens=16)))
-    backend.set_adapters([Adapter(adapters["first"], 1.0), Adapter(adapters["second"], 2.0)])
+    backend.set_adapters([Adapter(tiny_adapters["first"], 1.0), Adapter(tiny_adapters["second"], 2.0)])
     assert backend.token_logprobs(prompt, COMPLETION) != bare
     backend.set_adapters([])
     assert backend.token_logprobs(prompt, COMPLETION) == bare
@@ -236,44 +188,24 @@ def test_no_adapters_restores_the_base_bit_for_bit(backend, adapters, tiny_model
     assert all(torch.equal(state[name], saved[name]) for name in saved)
 
 
-def test_adapter_for_another_model_is_refused_and_changes_nothing(backend, adapters):
+def test_adapter_for_another_model_is_refused_and_changes_nothing(backend, tiny_adapters):
     prompt = prompt_of(backend)
-    backend.set_adapters([Adapter(adapters["first"], 1.0)])
+    backend.set_adapters([Adapter(tiny_adapters["first"], 1.0)])
     before = backend.token_logprobs(prompt, COMPLETION)
-    with pytest.raises(BackendError, match=re.escape(str(adapters["other_model"]))):
-        backend.set_adapters([Adapter(adapters["second"], 1.0), Adapter(adapters["other_model"], 1.0)])
+    with pytest.raises(BackendError, match=re.escape(str(tiny_adapters["other_model"]))):
+        backend.set_adapters([Adapter(tiny_adapters["second"], 1.0), Adapter(tiny_adapters["other_model"], 1.0)])
     assert backend.token_logprobs(prompt, COMPLETION) == before
 
 
-def test_corrupt_adapter_weights_name_the_file(backend, adapters, tmp_path):
+def test_corrupt_adapter_weights_name_the_file(backend, tiny_adapters, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(adapters["first"], broken)
+    shutil.copytree(tiny_adapters["first"], broken)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(BackendError, match=re.escape(str(weights))):
         backend.set_adapters([Adapter(broken, 1.0)])
     with pytest.raises(BackendError, match="adapter_config.json"):
         backend.set_adapters([Adapter(tmp_path / "missing", 1.0)])
-
-
-@pytest.fixture
-def truncated_model_dir(tiny_model_dir, tmp_path) -> Path:
-    """A copy of the tiny model whose weights file stops halfway, like an interrupted download."""
-    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken-model")
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return broken
-
-
-@pytest.fixture
-def templateless_model_dir(tiny_model_dir, tmp_path) -> Path:
-    """A copy of the tiny model whose tokenizer has no chat template."""
-    bare = shutil.copytree(tiny_model_dir, tmp_path / "no-template")
-    config_path = bare / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    del config["chat_template"]
-    config_path.write_text(json.dumps(config))
-    return bare
 
 
 def test_a_model_without_chat_template_says_so(templateless_model_dir):
