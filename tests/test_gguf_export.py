@@ -67,12 +67,12 @@ def test_metadata_describes_a_llama_with_its_chat_tokenizer(tiny_gguf, hf_tokeni
     assert oct(tiny_gguf.stat().st_mode & 0o777) == "0o600"
 
 
-def assert_llamacpp_tokenizes_like(gguf_path: Path, hf_tokenizer) -> None:
-    """llama.cpp's tokens of TEXTS and of a chat are transformers' own, and decode back to the text."""
+def assert_llamacpp_tokenizes_like(gguf_path: Path, hf_tokenizer, texts: list[str] = TEXTS) -> None:
+    """llama.cpp's tokens of ``texts`` and of a chat are transformers' own, and decode back to the text."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    for text in TEXTS:
+    for text in texts:
         expected = hf_tokenizer.encode(text, add_special_tokens=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
         assert llm.detokenize(expected, special=True).decode() == text
@@ -117,6 +117,47 @@ def test_llama3_and_qwen2_splits_tokenize_like_transformers(pre, tiny_model_dir,
     exported = export_model(folder, tmp_path / f"{pre}.gguf")
     assert gguf.GGUFReader(exported).fields["tokenizer.ggml.pre"].contents() == pre
     assert_llamacpp_tokenizes_like(exported, split_tokenizer)
+
+
+def test_sentencepiece_bpe_tokenizes_like_transformers(tiny_model_dir, tmp_path):
+    """A Gemma-style tokenizer (BPE over spaces spelt "▁", byte tokens for characters it lacks) goes as
+    llama.cpp's SentencePiece tokenizer, scored by merge rank, and tokenizes exactly as transformers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # trained on the ASCII texts only, so the accents, CJK and emoji of the others fall back to bytes
+    ascii_texts = [text for text in TEXTS if text.isascii()]
+    tokenizer.train_from_iterator(ascii_texts * 20, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    spec = json.loads(tokenizer.to_str())
+    trained = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])
+    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]  # after the specials, as in Gemma's vocabulary
+    spec["model"]["vocab"] = {
+        **{token: i for token, i in trained[: len(specials)]},
+        **{token: len(specials) + i for i, token in enumerate(byte_tokens)},
+        **{token: i + len(byte_tokens) for token, i in trained[len(specials) :]},
+    }
+    # In "qjk" transformers merges j+k first (rank 0); a tokenizer blind to merge order would take q+j.
+    for token in ["q", "j", "k", "jk", "qj"]:
+        spec["model"]["vocab"].setdefault(token, len(spec["model"]["vocab"]))
+    spec["model"]["merges"] = [["j", "k"], ["q", "j"], *spec["model"]["merges"]]
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "sentencepiece")
+    template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+    }))
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert "<0xC3>" in hf_tokenizer.convert_ids_to_tokens(hf_tokenizer.encode(TEXTS[1], add_special_tokens=False))
+    assert hf_tokenizer.tokenize("qjk") == ["q", "jk"]
+    exported = export_model(folder, tmp_path / "sentencepiece.gguf")
+    assert gguf.GGUFReader(exported).fields["tokenizer.ggml.model"].contents() == "llama"
+    assert_llamacpp_tokenizes_like(exported, hf_tokenizer, [*TEXTS, "qjk jkqjk"])
 
 
 def test_f32_logits_equal_torch(tiny_model_dir, tiny_gguf, sample_ids):
