@@ -7,9 +7,9 @@ templates, 18-30 layers, and llama.cpp serving the f16 export of the imported fo
 serves it, against torch in fp32 on the same folder. ``../shared/tools/fetch-weights NAME DIR`` puts
 them in ``$SOMNUS_TEST_WEIGHTS`` (default ~/.cache/somnus-test-weights); a missing file skips its tests.
 
-f16 weights and llama.cpp's f16 KV cache move log-probs by a few 1e-3 against fp32 torch (the f32
-export of the same folder differs by ~2e-5, so the export itself is exact), hence LLAMACPP_TOLERANCE
-per model, measured here on the fixed prompts below with and without a trained block.
+f16 weights and llama.cpp's f16 KV cache move log-probs by 4e-3 to 1.4e-2 against fp32 torch (the f32
+export of SmolLM2 differs by 2.2e-5, so the export itself is exact), hence LLAMACPP_TOLERANCE per
+model, measured here on the fixed prompts below with and without a trained block.
 """
 
 from __future__ import annotations
