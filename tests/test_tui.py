@@ -422,3 +422,19 @@ async def test_a_promoted_adapter_is_worn_by_the_next_reply_and_rollback_takes_i
                     and app.engine.adapter_version is None, what="the rollback")
         assert await answer("Hello there") == bare
 
+
+
+async def test_a_reply_an_engine_crash_cut_short_is_told_when_the_app_starts(app_home):
+    import subprocess
+    import sys
+
+    marks = open_paths().replying
+    dies = ("import os, signal, sys; from pathlib import Path; from assistant.crashes import ReplyJournal\n"
+            "with ReplyJournal(Path(sys.argv[1])).replying(4, 'smollm2'):\n"
+            "    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    subprocess.run([sys.executable, "-c", dies, str(marks)], capture_output=True)
+    app = make_app()
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await until(pilot, lambda: "never finished" in toasts(app), what="the crash notice")
+        assert "session 4" in toasts(app) and "your message is kept" in toasts(app)
+    assert list(marks.iterdir()) == []

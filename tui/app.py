@@ -107,12 +107,12 @@ class SomnusApp(SlashCommands, App[None]):
         self.query_one("#prompt", Input).focus()
         await self._show_conversation()
         self.refresh_status()
-        for line in self.journal.crashed():
-            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)
 
     def on_ready(self) -> None:
         """After the first frame: loading the model (torch's import holds the GIL for seconds) would
         otherwise delay the prompt the user is waiting to type into."""
+        for line in self.journal.crashed():  # after the first frame: a notice sent before it is never shown
+            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)
         self._load_engine()
         self.scheduler.start()
         self.set_interval(30, self.refresh_status)
