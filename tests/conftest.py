@@ -171,3 +171,26 @@ def _offline():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     yield
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """The torch chat engine on the tiny Llama: the reference the block trainers are checked against."""
+    from backends.torch_backend import TorchBackend
+
+    return TorchBackend(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def backend(engine):
+    """The chat engine as reference, bare again after each test."""
+    yield engine
+    engine.set_adapters([])
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_adapters):
+    """Two older nights: random, non-zero PEFT blocks."""
+    from backends.base import Adapter
+
+    return [Adapter(tiny_adapters["first"], 1.0), Adapter(tiny_adapters["second"], 1.0)]

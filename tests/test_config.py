@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import stat
-import tomllib
 
 import platformdirs
 import pytest
+import tomllib
 
 from assistant.config import (
+    SETTING_RULES,
     Config,
     ConfigError,
-    SETTING_RULES,
     load_config,
     open_paths,
     resolve_home,

@@ -122,7 +122,14 @@ def test_llama3_and_qwen2_splits_tokenize_like_transformers(pre, tiny_model_dir,
 def test_sentencepiece_bpe_tokenizes_like_transformers(tiny_model_dir, tmp_path):
     """A Gemma-style tokenizer (BPE over spaces spelt "▁", byte tokens for characters it lacks) goes as
     llama.cpp's SentencePiece tokenizer, scored by merge rank, and tokenizes exactly as transformers."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import AutoTokenizer
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"]

@@ -16,18 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from helpers import SPEC, chat_engine_logits, cross_entropy, prompts_of, token_batch
 from mlx.utils import tree_flatten
-from test_torch_backend import adapters  # noqa: F401 (a fixture)
-from test_torch_trainer import (  # noqa: F401 (fixtures among them)
-    SPEC,
-    backend,
-    chat_engine_logits,
-    cross_entropy,
-    engine,
-    frozen,
-    prompts_of,
-    token_batch,
-)
 
 from backends import ops
 from backends.base import Adapter, BackendError, BlockTrainer, Sampling
@@ -43,9 +33,9 @@ LR = 1e-3
 
 
 @pytest.fixture
-def started(tiny_model_dir, adapters, frozen):  # noqa: F811
+def started(tiny_model_dir, tiny_adapters, frozen):
     """A torch and an MLX trainer on one frozen block, both starting from the same random new block."""
-    start = adapters["second"]  # non-zero A and B, so both get a gradient
+    start = tiny_adapters["second"]  # non-zero A and B, so both get a gradient
     return (
         TorchBlockTrainer(tiny_model_dir, frozen[:1], SPEC, lr=LR, device="cpu", init_block=start),
         MlxBlockTrainer(tiny_model_dir, frozen[:1], SPEC, lr=LR, init_block=start),
@@ -76,7 +66,7 @@ def test_growth_is_exact_and_agrees_with_torch(tiny_model_dir, frozen):
                           without_first.completion_logits(prefixes, completions, new_block=False)[0]).item()
 
 
-def test_one_step_matches_torch(started, adapters, tmp_path):  # noqa: F811
+def test_one_step_matches_torch(started, tiny_adapters, tmp_path):
     torch_trainer, mlx_trainer = started
     prefixes, completions = token_batch(torch_trainer)
     torch_norm = torch_trainer.gradient_norm(prefixes, completions, cross_entropy)
@@ -97,11 +87,11 @@ def test_one_step_matches_torch(started, adapters, tmp_path):  # noqa: F811
     for module, block in saved[0].items():
         np.testing.assert_allclose(saved[1][module].down, block.down, rtol=0, atol=WEIGHTS_TOLERANCE)
         np.testing.assert_allclose(saved[1][module].up, block.up, rtol=0, atol=WEIGHTS_TOLERANCE)
-    initial = {block.module: block for block in read_lora(adapters["second"])}
+    initial = {block.module: block for block in read_lora(tiny_adapters["second"])}
     assert all(not np.array_equal(saved[1][module].up, initial[module].up) for module in initial)
 
 
-def test_saved_block_loads_in_the_torch_engine(started, backend, frozen, tmp_path):  # noqa: F811
+def test_saved_block_loads_in_the_torch_engine(started, backend, frozen, tmp_path):
     _, mlx_trainer = started
     prefixes, completions = token_batch(started[0])
     old = {name: np.array(w) for name, w in tree_flatten(mlx_trainer.model.parameters()) if ".new_" not in name}

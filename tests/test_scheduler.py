@@ -14,10 +14,15 @@ from datetime import datetime, timedelta
 import pytest
 
 from assistant.config import Config, SomnusError, load_config, open_paths, update_config
-from cli.daemon import install_service
-from assistant.scheduler import SleepOutcome, SleepScheduler, SleepWindow, describe_outcome
+from assistant.scheduler import (
+    SleepOutcome,
+    SleepScheduler,
+    SleepWindow,
+    describe_outcome,
+)
 from assistant.sleep.cycle import SleepReport
 from assistant.store import open_store
+from cli.daemon import install_service
 
 
 class Clock:

@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
+from assistant import adapters
 from assistant.config import load_config, open_paths
 from assistant.models import resolve_model
-from assistant import adapters
 from assistant.sleep import runner
 from assistant.store import open_store
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (  # LORA_RANK and LORA_ALPHA are also imported from here by test_torch_trainer
+from helpers import (
     COMPLETION,
     LORA_ALPHA,
     LORA_RANK,
@@ -27,12 +27,6 @@ from backends.torch_backend import TorchBackend
 
 def load_reference(hf_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_adapters) -> dict[str, Path]:
-    """conftest's tiny_adapters, under the name test_torch_trainer and test_mlx_trainer import from here."""
-    return tiny_adapters
 
 
 @pytest.fixture(scope="module")

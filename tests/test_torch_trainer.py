@@ -8,66 +8,24 @@ import stat
 
 import pytest
 import torch
-from test_torch_backend import COMPLETION, LORA_ALPHA, LORA_RANK, adapters  # noqa: F401 (a fixture)
+from helpers import (
+    COMPLETIONS,
+    SPEC,
+    chat_engine_logits,
+    cross_entropy,
+    prompts_of,
+    token_batch,
+)
 
 from backends import ops
 from backends.base import Adapter, BackendError, BlockTrainer, LoraSpec, Sampling
 from backends.select import open_trainer
-from backends.torch_backend import TorchBackend
-from backends.torch_trainer import TorchBlockTrainer, completion_batch
-
-SPEC = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
-QUESTIONS = [  # different lengths, so one batch mixes padded and unpadded rows
-    "Where is John?",
-    "My sister is called Alice and she lives in Porto. Where is Sandra?",
-    "Hi",
-]
-COMPLETIONS = [COMPLETION, "Porto.<|im_end|>", "Hello! How can I help you today?<|im_end|>"]
-
-
-def cross_entropy(logits, targets, mask):
-    """Mean negative log-likelihood of the target completion: a loss written once for any engine."""
-    array_ops = ops.TORCH_OPS if isinstance(logits, torch.Tensor) else ops.MLX_OPS
-    logprobs = array_ops.take_along_last_axis(array_ops.log_softmax(logits), targets)
-    return -array_ops.sum(logprobs * mask) / array_ops.sum(mask)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir) -> TorchBackend:
-    return TorchBackend(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture
-def backend(engine):
-    """The chat engine as reference, bare again after each test."""
-    yield engine
-    engine.set_adapters([])
-
-
-@pytest.fixture(scope="module")
-def frozen(adapters):  # noqa: F811
-    """Two older nights: random, non-zero PEFT blocks."""
-    return [Adapter(adapters["first"], 1.0), Adapter(adapters["second"], 1.0)]
+from backends.torch_trainer import TorchBlockTrainer
 
 
 @pytest.fixture
 def trainer(tiny_model_dir, frozen) -> TorchBlockTrainer:
     return TorchBlockTrainer(tiny_model_dir, frozen, SPEC, lr=1e-2, seed=0, device="cpu")
-
-
-def token_batch(trainer: TorchBlockTrainer):
-    prompts = [trainer.tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in QUESTIONS]
-    return [trainer.encode(p) for p in prompts], [trainer.encode(c) for c in COMPLETIONS]
-
-
-def chat_engine_logits(backend: TorchBackend, prefixes, completions, pad_token_id: int) -> torch.Tensor:
-    """The chat engine's full forward pass on the same right-padded batch, at the completion positions."""
-    batch = completion_batch(prefixes, completions, pad_token_id)
-    with torch.no_grad():
-        logits = backend.model(input_ids=torch.tensor(batch.inputs)).logits
-    positions = torch.tensor(batch.positions)
-    return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 def frozen_state(trainer: TorchBlockTrainer) -> dict[str, torch.Tensor]:
@@ -201,15 +159,11 @@ def test_a_saved_block_restarts_training_where_it_was(tiny_model_dir, trainer, f
         TorchBlockTrainer(tiny_model_dir, frozen, LoraSpec(rank=2, alpha=8), init_block=tmp_path / "start")
 
 
-def test_blocks_for_another_model_are_refused(tiny_model_dir, adapters):  # noqa: F811
-    with pytest.raises(BackendError, match=re.escape(str(adapters["other_model"]))):
-        TorchBlockTrainer(tiny_model_dir, [Adapter(adapters["other_model"], 1.0)], SPEC)
+def test_blocks_for_another_model_are_refused(tiny_model_dir, tiny_adapters):
+    with pytest.raises(BackendError, match=re.escape(str(tiny_adapters["other_model"]))):
+        TorchBlockTrainer(tiny_model_dir, [Adapter(tiny_adapters["other_model"], 1.0)], SPEC)
     with pytest.raises(BackendError, match="adapter_config.json"):
         TorchBlockTrainer(tiny_model_dir, [Adapter(tiny_model_dir / "missing", 1.0)], SPEC)
-
-
-def prompts_of(trainer: TorchBlockTrainer) -> list[str]:
-    return [trainer.tokenizer.decode(prefix) for prefix in token_batch(trainer)[0]]
 
 
 def test_batched_greedy_generation_matches_the_chat_engine(trainer, backend, frozen, tmp_path):

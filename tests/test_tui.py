@@ -353,7 +353,7 @@ async def test_sleep_runs_beside_the_chat_with_progress_and_a_report(app_home):
         assert run["status"] == "complete" and run["report"]["sessions"] == [session_id]
         await until(pilot, lambda: f"sleep {run['report']['status']}" in toasts(app), what="the sleep's notice")
         assert "/report to read it" in toasts(app)
-        assert f"last sleep " in str(app.query_one("#status-text", Label).render())
+        assert "last sleep " in str(app.query_one("#status-text", Label).render())
 
         await type_and_send(pilot, "/report")
         report = await page_text(pilot, "the report")
@@ -364,8 +364,8 @@ async def test_sleep_runs_beside_the_chat_with_progress_and_a_report(app_home):
 
 def train_and_promote_a_block(model_dir, reply: str) -> int:
     """What a night that goes well leaves behind: a trained block, its manifest, a promoted version."""
-    from assistant.models import resolve_model
     from assistant import adapters
+    from assistant.models import resolve_model
     from backends import ops
     from backends.select import open_trainer
 
