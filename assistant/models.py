@@ -144,7 +144,12 @@ def local_model(ref: str, paths: Paths, progress: Progress | None = None) -> Mod
     """``resolve_model``, with a packaged model imported into the data folder on its first use."""
     model = resolve_model(ref, paths)
     if model.kind == "packaged":
-        return import_model(model.path, paths, name=model.ref, progress=progress)
+        try:
+            return import_model(model.path, paths, name=model.ref, progress=progress)
+        except ModelError:
+            model = resolve_model(ref, paths)  # another process (the app, a sleep) imported it meanwhile
+            if model.kind != "imported":
+                raise
     return model
 
 
@@ -177,7 +182,10 @@ def import_model(source: Path, paths: Paths, name: str | None = None, progress: 
         mark = {"source": str(source.resolve()), "name": name}
         (folder / IMPORTED_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
         _make_private(folder)
-        os.replace(folder, target)  # the model appears whole or not at all
+        try:
+            os.replace(folder, target)  # the model appears whole or not at all
+        except OSError as error:  # another import of the same name finished first
+            raise ModelError(f"a model named {name} exists already ({target}): choose another --name") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if progress is not None:

@@ -180,3 +180,18 @@ def test_a_fresh_install_chats_with_smollm2_and_reads_what_it_is_told(tmp_path):
     assert "Lisbon" in asked.stdout
     assert asked.stderr == ""  # no library bars or warnings, and no progress bar where stderr is a file
     assert stat.S_IMODE((tmp_path / "home" / "models" / "smollm2").stat().st_mode) == 0o700
+
+
+def test_two_first_uses_at_once_share_one_import(paths, tiny_file, monkeypatch):
+    """The app and a sleep may both be first to use the packaged model: the later one uses the first's."""
+    monkeypatch.setattr(models.Packaged, "locate", lambda self: tiny_file)
+    real_import = models.import_model
+
+    def raced(*args, **kwargs):
+        real_import(*args, **kwargs)  # the other process lands first...
+        return real_import(*args, **kwargs)  # ...then this one finds the name taken
+
+    monkeypatch.setattr(models, "import_model", raced)
+    model = local_model("smollm2", paths)
+    assert (model.ref, model.kind) == ("smollm2", "imported")
+    assert sorted(p.name for p in paths.models.iterdir()) == ["smollm2"]
