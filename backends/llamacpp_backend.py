@@ -54,7 +54,7 @@ class LlamaCppBackend:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.gguf_path),
                 n_ctx=n_ctx or min(trained_context, DEFAULT_MAX_CONTEXT),
-                n_threads=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+                n_threads=_threads(),
                 type_k=kv_type,
                 type_v=kv_type,
                 verbose=False,
@@ -260,3 +260,12 @@ def _read_header(path: Path) -> dict[str, object]:
         raise BackendError(f"{path}: GGUF file without an architecture")
     header.setdefault("general.file_type", None)
     return header
+
+
+def _threads() -> int:
+    """One thread per physical core this process may run on: llama.cpp's threads wait for each other
+    at every layer, so a thread more than the cores it is given (taskset, a container's CPU set)
+    stalls every token."""
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else physical
+    return max(1, min(physical, allowed))
