@@ -38,7 +38,6 @@ from assistant.config import (
 
 NANO = "nano"
 NANO_DIR = Path(__file__).resolve().parent / "nano" / "model"
-DEFAULT_MODEL = "smollm2"
 IMPORTED_MARK = "somnus-import.json"  # an imported model's provenance; its presence marks the folder
 TRAIN_NANO = "python -m assistant.nano.train"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
@@ -175,15 +174,14 @@ def import_model(source: Path, paths: Paths, name: str | None = None, progress: 
     shutil.rmtree(staging, ignore_errors=True)
     try:
         try:
-            import_gguf(source, staging / "folder", progress)
+            import_gguf(source, staging, progress)
         except BackendError as error:
             raise ModelError(str(error)) from None
-        folder = staging / "folder"
         mark = {"source": str(source.resolve()), "name": name}
-        (folder / IMPORTED_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
-        _make_private(folder)
+        (staging / IMPORTED_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
+        _make_private(staging)
         try:
-            os.replace(folder, target)  # the model appears whole or not at all
+            os.replace(staging, target)  # the model appears whole or not at all
         except OSError as error:  # another import of the same name finished first
             raise ModelError(f"a model named {name} exists already ({target}): choose another --name") from error
     finally:
@@ -256,7 +254,7 @@ def known_models(paths: Paths, current: str) -> list[dict]:
 
 def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Path:
     """A GGUF file of ``model`` for llama.cpp: the file itself, or a cached export of the HF folder."""
-    if model.kind in ("gguf", "packaged"):
+    if model.kind == "gguf":
         return model.path
     source = model.path.resolve()
     slug = re.sub(r"[^\w.-]", "_", source.name) + "-" + hashlib.sha256(str(source).encode()).hexdigest()[:8]
@@ -278,8 +276,8 @@ def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Pa
 
 def system_prompt_for(model: Model, config: Config) -> str | None:
     """The system prompt ``model`` reads: the setting ("" sends none), except for nano, which was
-    trained without a system turn (by path too: benches name it by its folder)."""
-    if model.kind == "nano" or model.path.resolve() == NANO_DIR.resolve() or not config.system_prompt.strip():
+    trained without a system turn (known by its folder, which benches also name it by)."""
+    if model.path.resolve() == NANO_DIR.resolve() or not config.system_prompt.strip():
         return None
     return config.system_prompt
 

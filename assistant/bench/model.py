@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from assistant.nano import evaluate
-from assistant.persona import framed
 from assistant.nano.world import QUESTION_REQUESTS, Session, World
+from assistant.persona import framed
 from backends.base import Backend, Sampling
 
 GREEDY = Sampling(max_tokens=48, temperature=0.0)
