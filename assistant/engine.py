@@ -104,8 +104,8 @@ class ChatEngine:
 
     def reload(self, config: Config | None = None) -> None:
         """Close the model and open it again (with ``config`` when given), once no reply is running."""
-        self._loaded.clear()
         with self._lock:
+            self._loaded.clear()  # under the lock, so a load finishing meanwhile cannot mark a closed engine ready
             self._close()
             if config is not None:
                 self.config = config

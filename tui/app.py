@@ -353,9 +353,10 @@ class SomnusApp(SlashCommands, App[None]):
         live = self.store.sleep.live_adapter()
         last_run = self.store.sleep.last_run()
         upcoming = self.scheduler.next_sleep()
+        backend = self.engine.backend  # read once: a reload on the engine's thread may close it meanwhile
         return {
             "model": Path(ref).name if Path(ref).is_absolute() else ref,
-            "engine": (self.engine.backend.name if self.engine.ready
+            "engine": (backend.name if self.engine.ready and backend is not None
                        else self._preparing or "loading" if self.engine.loading else "not loaded"),
             "adapter": f"v{live['version']}" if live else "none",
             "last sleep": _last_sleep_text(last_run, self.paths),
