@@ -282,6 +282,16 @@ def system_prompt_for(model: Model, config: Config) -> str | None:
     return config.system_prompt
 
 
+def material_for(model: Model):
+    """The generic material the sleep anchors and checks reading with: nano brings its own world's
+    (``assistant.nano.material``), every other model reads the packaged English material."""
+    if model.path.resolve() == NANO_DIR.resolve():
+        from assistant.nano.material import NanoMaterial
+        return NanoMaterial()
+    from assistant.sleep.material import PACKAGED
+    return PACKAGED
+
+
 def require_trainable(model: Model, what: str) -> None:
     """A GGUF file cannot be trained on: one line that says how to make it a model that can."""
     if model.kind == "gguf":

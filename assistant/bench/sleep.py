@@ -58,17 +58,16 @@ from rich.table import Table
 from assistant.config import Config, SomnusError, open_paths
 from assistant.nano import evaluate
 from assistant.nano.world import ACKS, World
-from assistant.sleep.cycle import SleepSettings
-from backends.base import BackendError
+from assistant.sleep.cycle import MLP, SleepSettings
+from backends.base import BackendError, LoraSpec, Sampling
 
 Say = Callable[[str], None]
-CYCLE_VARIANTS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # issue 4's, measured on night 1
-    "distill_only": lambda settings: replace(settings, seeding=replace(settings.seeding, lti_every=0)),
+GREEDY = Sampling(max_tokens=48, temperature=0.0)
+CYCLE_VARIANTS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # measured on night 1
+    "with_lti": lambda settings: replace(settings, imitation=True),
 }
-DREAM_ABLATIONS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # issue 6's, measured on night 2
-    "no_dream": lambda settings: replace(settings, dreams=replace(settings.dreams, steps=0)),
-    "no_selection": lambda settings: replace(settings, dreams=replace(settings.dreams, selection="random")),
-    "no_noise": lambda settings: replace(settings, dreams=replace(settings.dreams, noise=0.0)),
+DREAM_ABLATIONS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # measured on night 2
+    "with_dream": lambda settings: replace(settings, dream=True),
 }
 ABLATION_NIGHT = 2  # block noise needs an earlier night's block to act on
 NIGHT_KEYS = ("recall", "seconds", "cpu_seconds", "peak_rss_mb", "status")  # a night's record, as a method's
@@ -86,12 +85,11 @@ class BenchSettings:
     babi_nights: int = 10
     sessions: int = 10  # generated sessions per night
     facts: int = 3  # facts told per generated session
-    steps: int = SleepSettings().seeding.steps  # sleep steps per night
+    steps: int = SleepSettings().max_steps  # sleep steps per night, at most
     in_context_sessions: int = 40  # fresh generated sessions for the in-context drop
 
     def sleep_settings(self) -> SleepSettings:
-        base = SleepSettings(seed=self.seed)
-        return replace(base, seeding=replace(base.seeding, steps=self.steps))
+        return SleepSettings(seed=self.seed, max_steps=self.steps)
 
 
 @dataclass(frozen=True)
@@ -255,8 +253,6 @@ class Span:
 def _ask(trainer, chats: Sequence[list[dict]], values: Sequence[str], *, new_block: bool = False) -> list[bool]:
     """Greedy answers to ``chats``, each judged by whether it states its gold value (the trainer
     decodes them in batches of its own size)."""
-    from assistant.sleep.gate import GREEDY
-
     prompts = [trainer.render_chat(chat) for chat in chats]
     answers = trainer.generate(prompts, GREEDY, new_block=new_block)
     return [evaluate.answered(answer, value) for answer, value in zip(answers, values)]
@@ -271,12 +267,10 @@ def probe(trainer, questions: Sequence[Question], *, new_block: bool = False) ->
 def fresh_in_context(trainer, sessions: int, seed: int) -> float | None:
     """In-context accuracy on fresh generated held-out sessions, each probe after its context
     (those whose context leaves no room for an answer are left out, as the gate does)."""
-    from assistant.sleep.gate import fits
-
     chats, values = [], []
     for session in evaluate.heldout_sessions(seed, sessions):
         for item in session.probes:
-            if fits(trainer, trainer.render_chat(session.chat()[: item.at])):
+            if len(trainer.encode(trainer.render_chat(session.chat()[: item.at]))) + GREEDY.max_tokens <= trainer.context_length:
                 chats.append(session.chat()[: item.at])
                 values.append(item.value)
     return share(_ask(trainer, chats, values))
@@ -287,7 +281,8 @@ def _open(config: Config, adapters=(), settings: SleepSettings = SleepSettings()
     from backends.select import choose_engines, open_trainer
 
     engine = choose_engines(config.backend)[1]
-    return closing(open_trainer(engine, Path(config.model), blocks=adapters, spec=settings.spec, lr=settings.lr,
+    spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
+    return closing(open_trainer(engine, Path(config.model), blocks=adapters, spec=spec, lr=settings.lr,
                                 seed=settings.seed))
 
 
@@ -390,7 +385,7 @@ def finetuning(config: Config, night: Night, budget: float, settings: SleepSetti
 
         rng, steps = random.Random(settings.seed), 0
         while steps == 0 or span.seconds() < budget:
-            batch = rng.sample(rows, min(settings.seeding.batch_size, len(rows)))
+            batch = rng.sample(rows, min(settings.batch_size, len(rows)))
             trainer.train_step([row[:1] for row in batch], [row[1:] for row in batch], next_token_loss)
             steps += 1
             say(f"fine-tune step {steps} ({span.seconds():.0f} of {budget:.0f} s)")

@@ -1,64 +1,105 @@
-"""The gate: a new adapter goes live only if it recalls more and forgets nothing that matters.
+"""The gate: a block goes live only if the model learnt tonight's answers and lost nothing else.
 
-In real use there is no gold answer. The probes are questions the teacher wrote about tonight's
-sessions and that training never saw; the teacher, with the session in its context, gives the
-reference answer. Recall is the share of probes the model answers *without* the session the way the
-teacher answers *with* it. Retention re-asks earlier nights' probes and the prompts they learnt
-(stored with their answers in the adapter manifests, less those tonight's sessions supersede) and
-measures in-context reading on fresh generated stories, before and after (and against the reading
-of the model before the stack's first night, so losses cannot add up night by night).
+Everything is read from likelihoods, never by matching strings: ``logprob`` is the log-probability
+a model gives an answer after a prompt, summed over the answer's tokens and its end of turn, so it
+weighs a 3-token and a 30-token answer by the same evidence, in any language. Three questions:
 
-An answer matches its reference when they are equal after ``normalise_answer`` (case, spacing, end
-punctuation): strict on purpose, since a near miss on a name is a wrong name.
+- recall: asked a held-out probe *without* the session, is the candidate surer of the teacher's
+  answer than the pre-sleep model? A paired one-sided test over the probes (the mean gain must
+  clear its own noise), not a one-probe margin;
+- retention: are earlier nights' answers as likely as before (mean change within tolerance)?
+- reading: with a text in context, is the candidate as sure as the model before the stack's first
+  night of that model's own answers (``material.readings``)? Held against the bare model, never
+  against last night's, so small losses cannot add up night after night.
+
+The shares shown to the user are the same likelihoods seen per probe: a probe counts as recalled
+when the model without the session is at most ``RECALL_MARGIN`` nats less sure of the answer than
+the teacher with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from assistant.nano import evaluate
-from assistant.sleep.lessons import user_turn
-from assistant.sleep.rewards import normalise_answer
-from backends.base import BlockTrainer, Sampling
+from assistant.sleep import losses
+from assistant.sleep.seeding import end_of_turn, pad
+from backends.base import BlockTrainer
 
-GREEDY = Sampling(max_tokens=48, temperature=0.0)
+RECALL_MARGIN = math.log(4)  # recalled: at most 4 times less sure of the whole answer than the teacher
+_T95 = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 1.86, 9: 1.83, 10: 1.81,
+        12: 1.78, 15: 1.75, 20: 1.72, 30: 1.70}  # Student's t, one-sided 95%, by degrees of freedom
 
 
 @dataclass(frozen=True)
 class Probe:
-    """A question about a session and the teacher's answer with the session in context."""
+    """A question about a session, the teacher's answer with the session in context, and how sure
+    the teacher was of it (``taught``, its log-probability)."""
 
     question: str
     reference: str
     session_id: int | None = None
+    taught: float = 0.0
+
+
+def logprob(trainer: BlockTrainer, prompts: Sequence[str], answers: Sequence[str], *, new_block: bool,
+            batch: int = 8) -> list[float]:
+    """Log-probability of each answer (and its end of turn) after its rendered prompt."""
+    marker, ops, result = end_of_turn(trainer), trainer.ops, []
+    for start in range(0, len(prompts), batch):
+        prefixes = [trainer.encode(p) for p in prompts[start:start + batch]]
+        completions = [trainer.encode(a + marker) for a in answers[start:start + batch]]
+        logits, mask = trainer.completion_logits(prefixes, completions, new_block=new_block)
+        token_logprobs = losses.completion_logprobs(ops, logits, pad(completions))
+        result += [float(total) for total in ops.sum(token_logprobs * mask, axis=-1)]
+    return result
+
+
+def one_sided_lower(values: Sequence[float]) -> float:
+    """The lower end of a one-sided 95% interval for the mean of ``values`` (Student's t)."""
+    n = len(values)
+    if n < 2:
+        return -math.inf
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = next((_T95[df] for df in sorted(_T95) if df >= n - 1), 1.645)
+    return mean - t * sd / math.sqrt(n)
 
 
 @dataclass(frozen=True)
-class GateSettings:
-    retention_tolerance: float = 0.05  # old recall may fall by at most this share of its value
-    retention_probes: int = 64  # earlier nights' questions asked for it (a seeded sample beyond that)
-    # In-context accuracy may fall by at most 1.5 points on the gate's sessions, so that it falls by
-    # less than 2 on sessions the gate never read. The reading that picks a candidate also judges it,
-    # and one reading tells candidates apart poorly: bench night 1 (sleep seed 1234), the nine read
-    # 94.3-97.5% on these 72 sessions and 95.8-97.6% on the bench's 40 others, in no common order.
-    # With 2 points, the bench's five nights (nights 1 and 4 live) lost 2.4 on those 40.
-    in_context_tolerance: float = 0.015
-    # Fresh generated sessions for the in-context check: 36 ask about 145 questions, so one answer
-    # moved the measure by 0.7 points (with 12, one flip was 2.4: the whole tolerance). 72 halve
-    # that: with 36, nights the gate held within 2 points of the first reading lost 3 on the
-    # bench's 40 other sessions, and a block that met the CR bar missed the floor by one answer.
-    in_context_sessions: int = 72
-    seed: int = 4242
-    # How much of the night's block may go live: each checkpoint is also judged with its change to
-    # the weights scaled down (interpolating towards the pre-sleep model, as WiSE-FT does), which
-    # trades a little recall for in-context reading. On the bench's first night (sleep seeds 0 and
-    # 3, 360 steps) 0.85 of the block kept in-context reading within 0.7 and 4.2 points where the
-    # whole block lost 3.5 and 5.6, recalling 53% and 57% of held-out phrasings against 60% and 57%.
-    # 0.4 and 0.55 were tried twice for nights of one bAbI story, which lose 2-6 points at 0.7 and
-    # above: two and three of ten nights went live, and the bench's in-context drop rose to 3.6
-    # and 3.0 points, over the bar of 2.
-    scales: tuple[float, ...] = (0.7, 0.85, 1.0)
+class Measurement:
+    """One model's log-probabilities of tonight's probes, earlier nights' answers and the readings."""
+
+    new: tuple[float, ...]
+    old: tuple[float, ...]
+    reading: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Readings:
+    """The in-context check's prompts and the bare model's answers and log-probabilities of them."""
+
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    base: tuple[float, ...]
+
+
+def measure(trainer: BlockTrainer, render: Callable, probes: Sequence[Probe], old: Sequence[Probe],
+            readings: Readings, *, new_block: bool) -> Measurement:
+    asked = [render([{"role": "user", "content": p.question}]) for p in list(probes) + list(old)]
+    scores = logprob(trainer, asked, [p.reference for p in list(probes) + list(old)], new_block=new_block)
+    read = logprob(trainer, readings.prompts, readings.answers, new_block=new_block)
+    return Measurement(tuple(scores[:len(probes)]), tuple(scores[len(probes):]), tuple(read))
+
+
+def recalled(scores: Sequence[float], probes: Sequence[Probe]) -> float:
+    """The share of probes answered without the session nearly as surely as the teacher did with it."""
+    return sum(s >= p.taught - RECALL_MARGIN for s, p in zip(scores, probes)) / len(probes) if probes else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 @dataclass(frozen=True)
@@ -67,142 +108,51 @@ class Verdict:
     reason: str
     recall_before: float
     recall_after: float
-    retention: float
-    old_recall_before: float | None
-    old_recall_after: float | None
-    in_context_before: float
+    retention: float  # share of earlier answers recalled after, of those recalled before
+    in_context_before: float  # share of readings within RECALL_MARGIN of the bare model
     in_context_after: float
+    gain: float  # mean nats gained on tonight's probes
+    gain_lower: float  # its one-sided 95% lower bound
+    old_change: float  # mean nats lost or gained on earlier answers
+    reading_change: float  # mean nats against the bare model, with the text in context
     probes: int
 
     def record(self) -> dict:
         return asdict(self)
 
 
-def fits(trainer: BlockTrainer, prompt: str) -> bool:
-    """Whether ``prompt`` leaves room for a greedy answer in the model's context."""
-    return len(trainer.encode(prompt)) + GREEDY.max_tokens <= trainer.context_length
-
-
-def matches(answer: str, reference: str) -> bool:
-    return normalise_answer(answer) == normalise_answer(reference)
-
-
-def alone(trainer: BlockTrainer, probes: Sequence[Probe]) -> list[str]:
-    """Each probe's question as the model is asked it: in a fresh chat, no session in context."""
-    return [trainer.render_chat(user_turn(p.question)) for p in probes]
-
-
-def hits(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> tuple[bool, ...]:
-    """Which probes are answered, with no session in context, as the teacher answered them."""
-    if not probes:
-        return ()
-    answers = trainer.generate(alone(trainer, probes), GREEDY, new_block=new_block)
-    return tuple(matches(a, p.reference) for a, p in zip(answers, probes))
-
-
-def recall(trainer: BlockTrainer, probes: Sequence[Probe], *, new_block: bool) -> float:
-    """Share of probes answered, with no session in context, as the teacher answered them."""
-    answered = hits(trainer, probes, new_block=new_block)
-    return sum(answered) / len(answered) if answered else 0.0
-
-
-def in_context(trainer: BlockTrainer, settings: GateSettings, *, new_block: bool) -> float:
-    """Reading accuracy with the facts in context, on fresh generated held-out sessions."""
-    sessions = evaluate.heldout_sessions(settings.seed, settings.in_context_sessions)
-    contexts, values = [], []
-    for session in sessions:
-        for probe in session.probes:
-            context = trainer.render_chat(session.chat()[: probe.at])
-            if fits(trainer, context):
-                contexts.append(context)
-                values.append(probe.value)
-    answers = trainer.generate(contexts, GREEDY, new_block=new_block)
-    return sum(evaluate.answered(a, v) for a, v in zip(answers, values)) / max(len(values), 1)
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """What the gate measures of one model: tonight's recall, old recall, in-context reading."""
-
-    recall: float
-    old_recall: float | None
-    in_context: float | None  # None: not read (``measure(..., reading=False)``)
-    old_hits: tuple[bool, ...] = ()  # which of the old probes it answers (``old_recall`` is their share)
-
-
-def measure(
-    trainer: BlockTrainer, new_probes: Sequence[Probe], old_probes: Sequence[Probe], settings: GateSettings,
-    *, new_block: bool, reading: bool = True,
-) -> Measurement:
-    """The live stack (``new_block=False``) or a candidate (``True``) on the gate's probes, and
-    on in-context reading unless ``reading`` is off (the costly part, added later if needed)."""
-    old = hits(trainer, old_probes, new_block=new_block)
-    return Measurement(
-        recall(trainer, new_probes, new_block=new_block),
-        sum(old) / len(old) if old else None,
-        in_context(trainer, settings, new_block=new_block) if reading else None,
-        old,
-    )
-
-
-def kept_share(old_recall_before: float | None, old_recall_after: float | None, old_hits_after: Sequence[bool] = (),
-               known: Sequence[bool] = ()) -> float:
-    """Retention: the share of old recall a candidate keeps, against tonight's live model and
-    against ``known`` (see ``decide``), whichever is less."""
-    share = 1.0 if not old_recall_before else (old_recall_after or 0.0) / old_recall_before
-    if any(known) and old_hits_after:
-        share = min(share, sum(hit for hit, was in zip(old_hits_after, known) if was) / sum(known))
-    return share
-
-
-def decide(before: Measurement, after: Measurement, probes: int, settings: GateSettings,
-           reading_base: float | None = None, known: Sequence[bool] = ()) -> Verdict:
-    """Promote only if recall rises, old recall keeps its value and in-context reading holds.
-
-    Reading holds against tonight's live model and against ``reading_base``, the model's reading
-    before its first night: judged only night by night, small losses add up (the bench's five
-    generated nights each passed, and together lost 3.6 points against a bar of 2). Old recall
-    likewise holds against tonight's live model and against ``known``, which of the old probes
-    the stack has answered on some night since theirs: two nights that each kept 95-96% of
-    tonight's old recall left the bench 80% of night 1's facts."""
-    retention = kept_share(before.old_recall, after.old_recall, after.old_hits, known)
-    if not probes:
-        promote, reason = False, "no held-out question to judge recall by: kept the live adapter"
-    elif after.recall <= before.recall:
-        promote, reason = False, f"recall did not rise ({before.recall:.0%} -> {after.recall:.0%})"
-    elif retention < 1 - settings.retention_tolerance:
-        promote, reason = False, f"old memories faded (retention {retention:.0%})"
-    elif after.in_context < (reading := max(before.in_context, reading_base or 0.0)) - settings.in_context_tolerance:
-        promote, reason = False, f"in-context reading fell ({reading:.0%} -> {after.in_context:.0%})"
+def decide(before: Measurement, after: Measurement, probes: Sequence[Probe], old: Sequence[Probe],
+           readings: Readings, *, retention_tolerance: float, reading_tolerance: float) -> Verdict:
+    """Promote when recall rose beyond its noise, earlier answers kept their likelihood and reading
+    held against the bare model."""
+    gains = [a - b for a, b in zip(after.new, before.new)]
+    lower = one_sided_lower(gains)
+    old_change = _mean([a - b for a, b in zip(after.old, before.old)])
+    reading_change = _mean([a - b for a, b in zip(after.reading, readings.base)])
+    kept_before = recalled(before.old, old)
+    retention = 1.0 if not kept_before else min(1.0, recalled(after.old, old) / kept_before)
+    share = lambda scores: sum(s >= b - RECALL_MARGIN for s, b in zip(scores, readings.base)) / max(len(readings.base), 1)
+    if len(probes) < 2:
+        promote, reason = False, "too few held-out questions to judge recall by: kept the live adapter"
+    elif lower <= 0:
+        promote, reason = False, f"recall did not rise beyond its noise (gain {_mean(gains):+.2f} nats, lower bound {lower:+.2f})"
+    elif old and old_change < -retention_tolerance:
+        promote, reason = False, f"earlier answers faded ({old_change:+.2f} nats on average)"
+    elif reading_change < -reading_tolerance:
+        promote, reason = False, f"in-context reading fell ({reading_change:+.2f} nats against the bare model)"
     else:
-        promote, reason = True, f"recall {before.recall:.0%} -> {after.recall:.0%}, retention {retention:.0%}"
-    return Verdict(promote, reason, before.recall, after.recall, retention, before.old_recall, after.old_recall,
-                   before.in_context, after.in_context, probes)
-
-
-def better(candidate: Verdict, incumbent: Verdict) -> bool:
-    """Whether ``candidate`` should go live instead of ``incumbent``: promotable, and either the
-    incumbent is not or the candidate recalls strictly more (a tie keeps the incumbent)."""
-    if not candidate.promote:
-        return False
-    return not incumbent.promote or candidate.recall_after > incumbent.recall_after
-
-
-def judge(
-    trainer: BlockTrainer, new_probes: Sequence[Probe], old_probes: Sequence[Probe], settings: GateSettings
-) -> Verdict:
-    """Measure the live stack (new block off) and the candidate (new block on), then decide."""
-    before = measure(trainer, new_probes, old_probes, settings, new_block=False)
-    after = measure(trainer, new_probes, old_probes, settings, new_block=True)
-    return decide(before, after, len(new_probes), settings)
+        promote, reason = True, (f"recall {recalled(before.new, probes):.0%} -> {recalled(after.new, probes):.0%} "
+                                 f"(+{_mean(gains):.2f} nats), earlier answers {old_change:+.2f}, reading {reading_change:+.2f}")
+    return Verdict(promote, reason, recalled(before.new, probes), recalled(after.new, probes), retention,
+                   share(before.reading), share(after.reading), _mean(gains), lower, old_change, reading_change,
+                   len(probes))
 
 
 def kept_training(training: dict) -> str | None:
-    """How much of the night's consolidation the gate let go forward (and dreaming, if it ran,
-    started from), for reports: "240 of 360 steps, 0.85 of the block" (None when the report
-    predates checkpoints)."""
+    """How much of the night's consolidation went forward, for reports: "240 of 360 steps" (None
+    when the report predates checkpoints)."""
     judged = training.get("checkpoints") or []
     chosen = [c for c in judged if c.get("chosen")]
     if not chosen:
         return None
-    return f"{chosen[0]['steps']} of {max(c['steps'] for c in judged)} steps, {chosen[0]['scale']:g} of the block"
+    return f"{chosen[0]['steps']} of {max(c['steps'] for c in judged)} steps"

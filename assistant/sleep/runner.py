@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return BUSY_EXIT
     settings = SleepSettings()
     if args.steps:
-        settings = replace(settings, seeding=replace(settings.seeding, steps=args.steps))
+        settings = replace(settings, max_steps=args.steps)
     try:
         with lock, open_store(paths, config) as store:
             report = sleep_cycle(paths, config, store, settings=settings,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -126,11 +127,13 @@ def consolidate(
     progress: Callable[[int, int], None] = lambda step, total: None,
     reward_fn: Reward | None = None,
     checkpoint: Callable[[int], None] = lambda step: None,
+    deadline: float | None = None,
 ) -> SeedingLog:
-    """Train the new block for ``settings.steps`` steps; returns the curve for the report.
+    """Train the new block for ``settings.steps`` steps, or fewer to end by ``deadline`` (a
+    ``time.monotonic()`` value; the plan is made from the first steps' pace); returns the curve.
 
-    ``checkpoint(step)`` is called after each of ``checkpoint_steps`` (the caller keeps the block's
-    state there), so the gate can choose how far the night's training should go."""
+    ``checkpoint(step)`` is called at evenly spaced steps, the last one always included (the
+    caller keeps the block's state there), so the gate can choose how far training should go."""
     if settings.steps < 1:
         raise ValueError(f"a night trains at least one step, got {settings.steps}")
     rng = random.Random(settings.seed)
@@ -140,9 +143,17 @@ def consolidate(
     if not pools["new"]:
         raise ValueError("nothing to consolidate: no prompts about tonight's sessions")
     log = SeedingLog()
-    marks = set(checkpoint_steps(settings.steps, settings.checkpoints))
+    planned, pace_steps, started = settings.steps, 3, time.monotonic()
+    marks = set(checkpoint_steps(planned, settings.checkpoints))
     reward = reward_fn or imitation(settings.gamma, settings.threshold)
+    step = 0
     for step in range(settings.steps):
+        if deadline is not None and step == pace_steps:
+            pace = (time.monotonic() - started) / pace_steps
+            planned = max(pace_steps, min(settings.steps, pace_steps + int((deadline - time.monotonic()) / pace)))
+            marks = set(checkpoint_steps(planned, settings.checkpoints))
+        if step >= planned or (deadline is not None and step and time.monotonic() > deadline):
+            break
         batch = _batch(pools, settings, rng)
         group = None
         if settings.lti_every and (step + 1) % settings.lti_every == 0:
@@ -151,7 +162,9 @@ def consolidate(
         log.losses.append(seeding_step(trainer, batch, group, settings, rng, marker))
         if step + 1 in marks:
             checkpoint(step + 1)
-        progress(step + 1, settings.steps)
+        progress(step + 1, planned)
+    if len(log.losses) not in marks:
+        checkpoint(len(log.losses))
     return log
 
 

@@ -1,0 +1,126 @@
+"""Teach: the teacher reads each session and writes the night's lessons.
+
+The teacher is the pre-sleep model with a window of the session in context (the user's turns,
+``lessons.knowledge_context``: what the assistant replied may be wrong and is not knowledge). It is
+asked, as the user would ask, for questions about what it was told (besides those the user asked
+in the session): once greedily and
+``lists - 1`` times sampled, each a list a chat model writes in its own way (numbered, bulleted or
+plain lines: a line that ends in a question mark is a question). It answers each question with the
+window in context, greedily and to the end of its turn; an answer cut by the length limit is
+dropped, not taught half-said.
+
+An answer is kept only when the session is what makes it likely: its log-probability with the
+window in context must exceed that without it by ``grounding`` nats (the pointwise mutual
+information of answer and session). That one likelihood test, in any language, drops an answer the
+teacher invents (nothing in the session supports it), one about itself rather than the user, and
+one the live model already gives (nothing left to learn).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from assistant.sleep.gate import Probe, logprob
+from assistant.sleep.lessons import knowledge_context, sentences, user_turn, windows
+from backends.base import BlockTrainer, Sampling
+
+ASK = "What questions could I ask you about what I told you?"
+QUESTIONS = Sampling(max_tokens=128, temperature=0.0)
+ANSWER = Sampling(max_tokens=64, temperature=0.0)
+_LIST_MARK = re.compile(r"^\s*(?:[-*\u2022>]+|\(?\d+[.):]|[A-Za-z][.)]|#+)?\s*(?:\*\*)?\s*")
+Render = Callable[[list[dict]], str]
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """A question about a window of a session, and the teacher's grounded answer to it."""
+
+    session_id: int
+    context: tuple[dict, ...]
+    question: str
+    answer: str
+    taught: float  # the teacher's log-probability of its answer, the window in context
+    evidence: float  # how much more likely the window makes it (nats)
+
+    def probe(self) -> Probe:
+        return Probe(self.question, self.answer, self.session_id, self.taught)
+
+
+def parse_questions(text: str) -> list[str]:
+    """The questions of a reply, one per line whatever its list marks, each once, in order."""
+    found: dict[str, None] = {}
+    for line in text.splitlines():
+        line = _LIST_MARK.sub("", line).strip().strip("*\"'").strip()
+        if line.endswith(("?", "\uff1f")) and 3 <= len(line) <= 200:
+            found.setdefault(line, None)
+    return list(found)
+
+
+def session_contexts(trainer: BlockTrainer, render: Render, messages: Sequence[dict]) -> list[list[dict]]:
+    """The teacher's contexts for a session: its user turns, in windows that leave room to answer."""
+    budget = trainer.context_length - ANSWER.max_tokens - QUESTIONS.max_tokens - 32
+    turns = [m for m in messages if m.get("status", "complete") == "complete"]
+    return [knowledge_context(window) for window in
+            windows(turns, lambda ctx: len(trainer.encode(render(ctx + user_turn(ASK)))) <= budget)]
+
+
+def write_questions(trainer: BlockTrainer, render: Render, contexts: Sequence[list[dict]], lists: int,
+                    rng: random.Random) -> list[list[str]]:
+    """For each context, the questions the teacher writes about it (a greedy list, then sampled ones)."""
+    requests = [render(ctx + user_turn(ASK)) for ctx in contexts]
+    if not requests:
+        return []
+    written = [[text] for text in trainer.generate(requests, QUESTIONS, new_block=False)]
+    if lists > 1:
+        sampling = replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31))
+        sampled = trainer.generate([r for r in requests for _ in range(lists - 1)], sampling, new_block=False)
+        for index, text in enumerate(sampled):
+            written[index // (lists - 1)].append(text)
+    return [list(dict.fromkeys(q for text in texts for q in parse_questions(text))) for texts in written]
+
+
+def answer(trainer: BlockTrainer, render: Render, asked: Sequence[tuple[int, list[dict], str]],
+           grounding: float) -> list[Lesson]:
+    """The teacher's answers to ``asked`` (session, context, question), those the context grounds."""
+    if not asked:
+        return []
+    prompts = [render(ctx + user_turn(q)) for _, ctx, q in asked]
+    answers = [a.strip() for a in trainer.generate(prompts, ANSWER, new_block=False)]
+    whole = [i for i, a in enumerate(answers) if a and len(trainer.encode(a)) < ANSWER.max_tokens]
+    taught = logprob(trainer, [prompts[i] for i in whole], [answers[i] for i in whole], new_block=False)
+    alone = logprob(trainer, [render(user_turn(asked[i][2])) for i in whole], [answers[i] for i in whole],
+                    new_block=False)
+    return [Lesson(asked[i][0], tuple(asked[i][1]), asked[i][2], answers[i], t, t - a)
+            for i, t, a in zip(whole, taught, alone) if t - a >= grounding]
+
+
+def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]], *,
+               lists: int, grounding: float, rng: random.Random) -> list[Lesson]:
+    """Tonight's lessons, oldest session first; a question two sessions answer keeps the newer answer."""
+    contexts = [(sid, ctx) for sid, messages in sessions for ctx in session_contexts(trainer, render, messages)]
+    written = write_questions(trainer, render, [ctx for _, ctx in contexts], lists, rng)
+    asked = [(sid, ctx, q) for (sid, ctx), qs in zip(contexts, written)
+             for q in dict.fromkeys(_asked_by_user(ctx) + qs)]
+    newest = {lesson.question: lesson for lesson in answer(trainer, render, asked, grounding)}
+    return list(newest.values())
+
+
+def _asked_by_user(context: list[dict]) -> list[str]:
+    """The questions the user asked in the window: their answers are in the session too."""
+    return [s for s in sentences(context[0]["content"]) if s.endswith(("?", "\uff1f")) and len(s) <= 200]
+
+
+def hold_out(lessons: Sequence[Lesson], share: float, rng: random.Random) -> tuple[list[Lesson], list[Probe]]:
+    """(taught, probes): up to ``share`` of the questions become the gate's probes, never trained
+    on, each one a question whose teacher's answer another question, still taught, also gets (the
+    teacher's own words, identical: the same fact asked in other words). A fact asked only once
+    stays taught: held out, it would be a fact the night never saw."""
+    by_answer: dict[tuple[int, str], list[Lesson]] = {}
+    for lesson in lessons:
+        by_answer.setdefault((lesson.session_id, lesson.answer), []).append(lesson)
+    spare = [lesson for group in by_answer.values() for lesson in rng.sample(group, len(group))[1:]]
+    held = {id(lesson) for lesson in rng.sample(spare, min(len(spare), round(len(lessons) * share)))}
+    return [l for l in lessons if id(l) not in held], [l.probe() for l in lessons if id(l) in held]
