@@ -6,7 +6,8 @@ a list of ``Fact``s, read the way a chat model reads a session:
 
 - with a session in its context (the teacher), it answers a question about a fact the session
   says; when several sentences answer it, the one said last wins, as a newer statement should;
-- asked the night's question request, it lists the questions of the facts in its context;
+- asked for questions (``teach.ASK``, or the dreams' request), it lists the questions of the facts
+  in its context;
 - with no context (the student, or the live stack), it answers from memory: the frozen blocks it
   was opened with (their memories are stored in the block files it saved) and, with the new block
   on, what training taught the new block, once the block is strong enough (``learns_after``).
@@ -14,8 +15,8 @@ a list of ``Fact``s, read the way a chat model reads a session:
 Training teaches a student's prompt the completion it is trained towards when that is a fact's
 answer to it (and then every phrasing of that fact); the student's own samples teach nothing, as
 distillation pulls them towards the teacher rather than towards themselves. The new block's
-strength is its optimiser steps times the scale the gate tries it at, so a test scripts which of
-the gate's candidates recall, forget older nights' facts (``forgets``) or stop reading their
+strength is its optimiser steps (a checkpoint's step, as the gate loads it), so a test scripts
+which of the gate's candidates recall, forget older nights' facts (``forgets``) or stop reading their
 context (``reading_lost_after``), and so drives the gate to promote or to reject. ``respond``
 overrides any answer (canned responses); ``crash_on`` makes a method raise once, at its n-th call
 of a night. Each ``open`` starts a ``Night`` record: the prompts generated, the rows trained, the
@@ -44,6 +45,7 @@ import torch
 
 from assistant.sleep.lessons import QUESTION_REQUEST
 from assistant.sleep.rewards import normalise_answer
+from assistant.sleep.teach import ASK
 from backends.base import Adapter, BackendError, LoraSpec, Sampling
 from backends.ops import TORCH_OPS
 from backends.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_lora
@@ -53,6 +55,7 @@ END = "<|end|>"
 GENERATION_PROMPT = "<|assistant|>"
 VOCAB = len(SPECIALS) + 256
 UNKNOWN = "I don't know."
+UNREAD = "I cannot read that."  # what a candidate that lost its reading says with a context
 NO_QUESTIONS = "I have no questions."
 MEMORY_KEY = "somnus_fake_memory"  # safetensors metadata: what a saved block answers from memory
 CONFIDENT = 12.0  # logit of the token the fake would say next: probability ~0.995 over 261 tokens
@@ -195,13 +198,13 @@ class Night:
 class FakeTrainer:
     """A ``BlockTrainer`` whose knowledge is ``facts`` and whose learning is scripted.
 
-    ``learns_after``: the new block's strength (steps times the gate's scale) from which it
+    ``learns_after``: the new block's strength (its optimiser steps) from which it
     recalls what it was trained on (None: it never learns). ``forgets_after``: from which it
     answers none of the questions of the facts in ``forgets``, whatever the frozen blocks or its
     own training say. ``reading_lost_after``: from which it no longer reads its context.
-    ``reading``: sessions (``assistant.nano.world.Session``) it reads correctly, as the gate's
-    in-context check asks them. ``respond(turns, new_block)``: an answer that overrides the
-    scripted reading when not None.
+    ``reading``: sessions (``assistant.nano.world.Session``) it reads correctly (any other text in
+    context it answers with ``UNKNOWN``, or ``UNREAD`` once reading is lost).
+    ``respond(turns, new_block)``: an answer that overrides the scripted reading when not None.
     """
 
     name = "fake"
@@ -404,13 +407,13 @@ class FakeTrainer:
         heard = "\n".join(m["content"] for m in context if m["role"] == "user")
         cannot_read = new_block and _reached(self.strength(), self.reading_lost_after)
         if (read := self.reading.get(tuple(m["content"] for m in turns))) is not None:
-            return UNKNOWN if cannot_read else read
-        if asked == QUESTION_REQUEST:
+            return UNREAD if cannot_read else read
+        if asked in (ASK, QUESTION_REQUEST):  # the night's request, and the one dreams are written by
             questions = list(dict.fromkeys(q for fact in self._said_in(heard) for q in fact.writes or fact.questions))
             return "\n".join(f"{n}. {q}" for n, q in enumerate(questions, 1)) or NO_QUESTIONS
         if context:
             if cannot_read:
-                return UNKNOWN
+                return UNREAD
             answering = [fact for fact in self._said_in(heard) if fact.asked_by(asked)]
             return answering[-1].answer if answering else UNKNOWN
         return self._recall(asked, new_block) or UNKNOWN

@@ -5,60 +5,70 @@ takes milliseconds: these tests check what a night selects, what it records when
 promotes or rejects, what later nights replay, and that a crash changes nothing live. Whether a
 night teaches a real model is measured in tests/test_sleep_nano.py and by `somnus bench sleep`.
 
-The gate's candidates are the checkpoints at steps 2 and 4 at scales 0.5 and 1.0, so the fake's
-block strengths are 1, 2, 2 and 4; with ``learns_after=3`` only the whole 4-step block recalls.
+A night here trains 4 steps and keeps 3 checkpoints, at steps 1, 3 and 4: the gate's candidates.
+The fake's block strength is its steps, so with ``learns_after=3`` the last two candidates recall
+what they were taught and the first recalls nothing. Each fact has three questions and half of a
+night's questions are held out, so a fact told alone is taught one and leaves two for the gate.
+The fake's tokens are bytes, so its question list is cut at ``teach.QUESTIONS.max_tokens`` bytes:
+a session of two facts is asked four questions, not six.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from fakes import (
+    UNKNOWN,
+    UNREAD,
     VOCAB,
     Fact,
     FakeChatBackend,
     FakeCrash,
     FakeTrainer,
     make_model_folder,
+    parse_chat,
 )
 
 from assistant import adapters
 from assistant.chat import Chat
 from assistant.config import Config, Paths, load_config, open_paths
 from assistant.models import resolve_model
-from assistant.nano import evaluate
-from assistant.sleep.cycle import SleepReport, SleepSettings, sleep_cycle
-from assistant.sleep.dreams import DreamSettings
-from assistant.sleep.gate import GateSettings
-from assistant.sleep.lessons import QUESTION_REQUEST
+from assistant.sleep import cycle, dreaming
+from assistant.sleep.cycle import MLP, SleepReport, SleepSettings, sleep_cycle
+from assistant.sleep.gate import Probe, kept_training
+from assistant.sleep.material import EVERYDAY, READINGS
 from assistant.sleep.seeding import SeedingSettings
+from assistant.sleep.teach import ASK
 from assistant.store import Store, open_store
 from backends.base import Adapter, Backend, BlockTrainer, Sampling
 from backends.peft_io import read_lora
 
-PORTO = Fact("I live in Porto.", ("Where do I live?", "Which city do I live in?"), "You live in Porto.")
+PORTO = Fact("I live in Porto.", ("Where do I live?", "Which city do I live in?", "What city is my home?"),
+             "You live in Porto.")
 # Said on a later day: it answers Porto's questions otherwise, and the teacher writes other ones about it.
 LYON = Fact("Now I live in the city of Lyon.",
-            ("Which city is my home now?", "What is my home city now?", "Where do I live?", "Which city do I live in?"),
-            "You live in Lyon.", writes=("Which city is my home now?", "What is my home city now?"))
-REX = Fact("My dog is called Rex.", ("What is my dog called?", "What is my dog's name?"), "Your dog is called Rex.")
-ZARA = Fact("My sister is called Zara.", ("What is my sister called?", "What is my sister's name?"),
+            ("Which city is my home now?", "What is my home city now?", "Where have I moved to?", *PORTO.questions),
+            "You live in Lyon.", writes=("Which city is my home now?", "What is my home city now?", "Where have I moved to?"))
+REX = Fact("My dog is called Rex.", ("What is my dog called?", "What is my dog's name?", "What name does my dog have?"),
+           "Your dog is called Rex.")
+ZARA = Fact("My sister is called Zara.",
+            ("What is my sister called?", "What is my sister's name?", "What name does my sister have?"),
             "Your sister is called Zara.")
 FACTS = [PORTO, LYON, REX, ZARA]
-LEARNS = 3.0
+LEARNS = 3.0  # the checkpoints at steps 3 and 4 recall, the one at step 1 does not
 
-GATE = GateSettings(in_context_sessions=2, scales=(0.5, 1.0))
-SETTINGS = SleepSettings(seeding=SeedingSettings(steps=4, checkpoints=2, batch_size=4), gate=GATE,
-                         dreams=DreamSettings(steps=0), anchors=3, contrary_anchors=2, reteach_contrary=2,
-                         question_samples=1)
-# Every completion trained is then a row's answer (no sampled ones), so the rows can be read off the fake.
-DISTILLED = replace(SETTINGS.seeding, on_policy=0.0, lti_every=0)
-READING = evaluate.heldout_sessions(GATE.seed, GATE.in_context_sessions)  # the gate's in-context sessions
+SETTINGS = SleepSettings(max_steps=4, batch_size=4, question_lists=1, budget_minutes=5, probe_share=0.5)
+# The fake learns only from the teacher's answers (its own samples teach it nothing), so the nights
+# here distil off-policy: which checkpoint recalls is then the script's, not the sampler's luck
+# (on-policy, a one-fact night would rarely train on the teacher's answer: see the xfail below).
+ON_POLICY = 0.0
 
 
 @dataclass
@@ -76,9 +86,11 @@ class Day:
             self.store.add_message(session, "assistant", "Noted.")
         return session
 
-    def sleep(self, fake: FakeTrainer, **changes) -> SleepReport:
-        return sleep_cycle(self.paths, self.config, self.store, settings=replace(SETTINGS, **changes),
-                           open_trainer=fake.open)
+    def sleep(self, fake: FakeTrainer, on_policy: float = ON_POLICY, **changes) -> SleepReport:
+        seeding = functools.partial(SeedingSettings, on_policy=on_policy)  # SleepSettings leaves it at the default
+        with mock.patch.object(cycle, "SeedingSettings", seeding):
+            return sleep_cycle(self.paths, self.config, self.store, settings=replace(SETTINGS, **changes),
+                               open_trainer=fake.open)
 
     def manifest(self, version: int) -> dict:
         return json.loads(adapters.manifest_path(self.paths.home, version).read_text())
@@ -130,6 +142,12 @@ def learner(**script) -> FakeTrainer:
     return FakeTrainer(FACTS, **{"learns_after": LEARNS, **script})
 
 
+def asked(prompt: str) -> str:
+    """The last thing the user says in a rendered prompt."""
+    turns, _ = parse_chat(prompt)
+    return turns[-1]["content"] if turns and turns[-1]["role"] == "user" else ""
+
+
 def answers(entries: list[dict], key: str) -> set[str]:
     return {entry[key] for entry in entries}
 
@@ -179,9 +197,12 @@ def test_a_night_sleeps_only_on_the_sessions_no_live_adapter_learnt(day):
     first = day.sleep(learner())
     zara = day.session(ZARA.said)
     assert day.pending() == [zara]
-    second = day.sleep(learner())
+    fake = learner()
+    second = day.sleep(fake)
     assert (first.status, first.sessions) == ("promoted", [porto, rex])
     assert (second.status, second.sessions) == ("promoted", [zara])
+    asked = [p for p in fake.night.prompts(new_block=False) if p.endswith(f"<|user|>{ASK}<|end|>\n<|assistant|>")]
+    assert asked and all(ZARA.said in p and PORTO.said not in p and REX.said not in p for p in asked)
     assert [block["sessions"] for block in day.manifest(2)["blocks"]] == [[porto, rex], [zara]]
     assert [(a["version"], a["status"], a["sessions"]) for a in day.store.sleep.adapters()] == [
         (2, "live", [zara]), (1, "retired", [porto, rex])]
@@ -199,9 +220,10 @@ def test_a_session_that_went_on_after_a_sleep_is_slept_on_for_its_new_part(day):
         (session, learnt_through, 2)]
     report = day.sleep(learner())
     assert report.status == "promoted" and report.sessions == [session]
-    tonight = [probe for probe in day.manifest(2)["probes"] if probe not in day.manifest(1)["probes"]]
-    assert answers(tonight, "reference") == {REX.answer}  # judged by what is new: Porto the live model knows
-    assert REX.answer in answers(day.manifest(2)["prompts"], "answer")
+    first, second = day.manifest(1), day.manifest(2)
+    tonight = [p for p in second["taught"] + second["probes"] if p not in first["taught"] + first["probes"]]
+    # judged by what is new: Porto the live model already answers, so it is not taught again
+    assert answers(tonight, "reference") == {REX.answer} and {p["session_id"] for p in tonight} == {session}
     assert day.pending() == []
 
 
@@ -240,27 +262,37 @@ def test_a_night_whose_sessions_hold_nothing_to_ask_grows_no_block(day):
     day.session("Hello there!", "Thanks, bye.")
     fake = learner()
     report = day.sleep(fake)
-    assert report.status == "nothing" and report.reason.startswith("the teacher found nothing to ask")
+    assert report.status == "nothing" and report.reason.startswith("the teacher found nothing")
     assert day.store.sleep.adapters() == [] and day.manifests() == {} and day.blocks_on_disk() == set()
     assert fake.night.closed and fake.night.calls["train_step"] == 0
 
 
-@pytest.mark.parametrize("invented", [
-    "Paris, I think.",
-    pytest.param("You live in Paris.", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: lessons.told skips the answer's words no sentence says (Paris), so 'in', which the user's "
-        "sentence says and 'Where do I live?' does not ask, passes as the answer's most specific word"))),
-])
+@pytest.mark.parametrize("invented", ["Paris, I think.", "You live in Paris."])
 def test_an_answer_the_teacher_invents_is_never_taught(day, invented):
+    """An invented answer is one the session does not make likely: the teacher gives it with the
+    session in context and without alike, so it fails the grounding test, however it is worded."""
     day.session(PORTO.said)
 
-    def inventing(turns, new_block):  # with the session in context, it answers a city the user never named
-        return invented if len(turns) > 1 and turns[-1]["content"] != QUESTION_REQUEST else None
+    def inventing(turns, new_block):  # asked where the user lives, it names a city the user never named
+        return invented if turns and PORTO.asked_by(turns[-1]["content"]) else None
 
     fake = learner(respond=inventing)
     report = day.sleep(fake)
-    assert report.status == "nothing" and report.reason.startswith("the teacher found nothing to ask")
+    assert [g.text for g in fake.night.generated if PORTO.asked_by(asked(g.prompt))] == [invented] * 3
+    assert report.status == "nothing" and report.reason.startswith("the teacher found nothing")
     assert fake.night.calls["train_step"] == 0 and day.manifests() == {}
+
+
+def test_an_answer_the_session_makes_likely_is_taught_and_one_it_does_not_is_left_out(day):
+    day.session(PORTO.said, REX.said)
+
+    def inventing(turns, new_block):  # the dog's name it would give without the session too
+        return "Your dog is called Bello." if turns and REX.asked_by(turns[-1]["content"]) else None
+
+    report = day.sleep(learner(respond=inventing))
+    manifest = day.manifest(report.adapter)
+    assert report.status == "promoted"
+    assert answers(manifest["taught"] + manifest["probes"], "reference") == {PORTO.answer}
 
 
 def test_the_nights_prompts_read_after_the_days_system_prompt(day):
@@ -268,22 +300,24 @@ def test_the_nights_prompts_read_after_the_days_system_prompt(day):
     fake = learner()
     day.sleep(fake)
     framing = f"<|system|>{day.config.system_prompt}<|end|>\n"
-    assert day.config.system_prompt and fake.night.generated
+    assert day.config.system_prompt and fake.night.generated and fake.night.trained
     assert all(prompt.startswith(framing) for prompt in fake.night.prompts())
+    assert all(row.prompt.startswith(framing) for row in fake.night.trained)
     day.config = day.config.with_overrides(system_prompt="")
     day.session(REX.said)
     day.sleep(fake)
-    assert not [prompt for prompt in fake.night.prompts() if "<|system|>" in prompt]
+    assert fake.night.generated and not [prompt for prompt in fake.night.prompts() if "<|system|>" in prompt]
 
 
 def test_a_night_about_what_the_live_model_already_answers_marks_it_learnt_without_a_block(day):
     first = day.session(PORTO.said)
     assert day.sleep(learner()).status == "promoted"
     before = day.manifests()
-    again = day.session(PORTO.said)
+    again = day.session("As I said, " + PORTO.said)
     fake = learner()
     report = day.sleep(fake)
-    assert report.status == "nothing" and "already answers" in report.reason
+    assert report.status == "nothing" and "already answer" in report.reason
+    assert fake.night.prompts(new_block=False)  # the teacher did read the session and answer its questions
     assert fake.night.calls["train_step"] == 0 and day.manifests() == before
     assert [(a["version"], a["status"], a["sessions"]) for a in day.store.sleep.adapters()] == [
         (1, "live", [first, again])]
@@ -302,17 +336,27 @@ def test_a_promoted_night_records_its_manifest_block_live_adapter_and_what_it_le
 
     manifest = day.manifest(1)
     [block] = manifest["blocks"]
-    assert manifest["version"] == 1
+    assert manifest["version"] == 1 and not manifest["parent"]
+    assert set(manifest) == {"version", "parent", "blocks", "model", "weights", "verdict", "taught", "probes",
+                             "material"}
     assert block["sessions"] == [porto, pets] and block["sleep_run"] == report.run
     assert fake.night.saved == [Path(block["path"])] and block["id"].startswith("night0001-")
-    assert {layer.module.rsplit(".", 1)[-1] for layer in read_lora(Path(block["path"]))} == set(SETTINGS.spec.targets)
+    assert {layer.module.rsplit(".", 1)[-1] for layer in read_lora(Path(block["path"]))} == set(MLP)
     model = resolve_model(day.config.model, day.paths)
     assert (manifest["model"], manifest["weights"]) == (model.ref, model.weights)
-    taught, held = manifest["prompts"], manifest["probes"]
-    assert answers(taught, "answer") | answers(held, "reference") == {PORTO.answer, REX.answer, ZARA.answer}
+    taught, held = manifest["taught"], manifest["probes"]
+    assert all(set(p) == set(asdict(Probe("q", "a"))) for p in taught + held)
+    assert answers(taught, "reference") == {PORTO.answer, REX.answer, ZARA.answer}  # every fact is taught
+    assert len(held) == round((len(taught) + len(held)) * SETTINGS.probe_share)
     assert not answers(taught, "question") & answers(held, "question")  # the gate's probes were never trained on
-    assert {probe["session_id"] for probe in held} <= {porto, pets}
-    assert manifest["verdict"]["promote"] and manifest["verdict"]["probes"] == len(held)
+    trained = {row.question for row in fake.night.trained if row.question}
+    assert answers(taught, "question") <= trained and not answers(held, "question") & trained
+    by_answer = {PORTO.answer: porto, REX.answer: pets, ZARA.answer: pets}
+    assert all(p["session_id"] == by_answer[p["reference"]] and p["taught"] > -1 for p in taught + held)
+    assert manifest["verdict"]["promote"] and manifest["verdict"]["probes"] >= len(held)
+    material = manifest["material"]  # the bare model's answers to the everyday material, for later nights
+    assert material["weights"] == model.weights and material["everyday"] == [UNKNOWN] * len(EVERYDAY)
+    assert len(material["readings"]) == len(material["base"]) == len(READINGS)
 
     live = day.store.sleep.live_adapter()
     assert (live["version"], live["parent_version"], live["status"], live["path"], live["sleep_run_id"]) == (
@@ -349,8 +393,8 @@ def test_a_night_that_makes_earlier_nights_fade_is_rejected_and_the_live_adapter
     before = day.live_state()
     later = day.session(REX.said)
     report = day.sleep(learner(forgets=[PORTO], forgets_after=LEARNS))
-    assert report.status == "rejected" and report.reason.startswith("old memories faded")
-    assert report.retention == 0.0
+    assert report.status == "rejected" and report.reason.startswith("earlier answers faded")
+    assert report.retention == 0.0 and report.recall_after == 1.0
     live, versions, manifests, stack = day.live_state()
     assert (live, stack) == (before[0], before[3])
     assert manifests == {**before[2], "v0002.json": manifests["v0002.json"]}  # v1's bytes untouched
@@ -360,23 +404,29 @@ def test_a_night_that_makes_earlier_nights_fade_is_rejected_and_the_live_adapter
 
 def test_a_night_that_costs_in_context_reading_is_rejected(day):
     day.session(PORTO.said, REX.said)
-    report = day.sleep(learner(reading=READING, reading_lost_after=LEARNS))
+    fake = learner(reading_lost_after=LEARNS)
+    report = day.sleep(fake)
     assert report.status == "rejected" and report.reason.startswith("in-context reading fell")
     assert (report.in_context_before, report.in_context_after, report.recall_after) == (1.0, 0.0, 1.0)
     assert day.store.sleep.live_adapter() is None
+    assert day.manifest(1)["verdict"]["reading_change"] < -SETTINGS.reading_tolerance
+    reading = [{"role": "user", "content": READINGS[1][0]}, {"role": "assistant", "content": "Got it."},
+               {"role": "user", "content": READINGS[1][1]}]
+    assert fake.answer(reading, new_block=True) == UNREAD  # the block saved is the one that cannot read
 
 
-def test_the_gate_promotes_the_largest_change_that_still_reads_its_context(day):
+def test_the_gate_promotes_the_checkpoint_that_recalls_and_still_reads(day):
     day.session(PORTO.said, REX.said)
-    fake = learner(learns_after=1.5, reading=READING, reading_lost_after=3.5)
+    fake = learner(reading_lost_after=LEARNS + 1)
     report = day.sleep(fake)
-    judged = {(c["steps"], c["scale"]): c for c in report.training["checkpoints"]}
+    judged = {c["steps"]: c for c in report.training["checkpoints"]}
     assert report.status == "promoted" and report.in_context_after == 1.0
-    assert (judged[4, 1.0]["in_context"], judged[4, 1.0]["promote"]) == (0.0, False)  # read first, and failed
-    assert judged[4, 0.5]["chosen"] and judged[4, 0.5]["promote"]
-    assert judged[2, 1.0]["in_context"] is None and judged[2, 0.5]["recall"] == 0.0  # never read
-    assert fake.strength() == pytest.approx(2.0)  # the chosen candidate is the block saved, not the last one trained
-    assert day.manifest(1)["reading_base"]["reading"] == 1.0
+    assert sorted(judged) == [1, 3, 4]
+    assert [(judged[s]["promote"], judged[s]["chosen"]) for s in (1, 3, 4)] == [
+        (False, False), (True, True), (False, False)]
+    assert judged[1]["recall_after"] == 0.0 and judged[4]["recall_after"] == 1.0  # 4 recalls, and cannot read
+    assert fake.strength() == pytest.approx(3.0)  # the chosen candidate is the block saved, not the last one trained
+    assert day.manifest(1)["verdict"]["promote"] and day.store.sleep.live_adapter()["version"] == 1
 
 
 def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(day, tmp_path):
@@ -390,63 +440,76 @@ def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(day, tmp_pa
     report = day.sleep(fake)
     assert fake.night.blocks == [] and fake.night.model_path == retrained.resolve()
     assert report.status == "promoted" and report.sessions == [session]
-    assert [block["sessions"] for block in day.manifest(2)["blocks"]] == [[session]]
+    second = day.manifest(2)
+    assert not second["parent"] and [block["sessions"] for block in second["blocks"]] == [[session]]
+    assert answers(second["taught"] + second["probes"], "reference") == {REX.answer}  # nothing of the old stack's
+    assert second["material"]["weights"] == resolve_model(str(retrained), day.paths).weights
 
 
 # -- what later nights replay ------------------------------------------------------------------------
 
 
-def test_a_later_night_wears_the_live_stack_and_replays_and_reteaches_earlier_nights(day):
+def test_a_later_night_wears_the_live_stack_and_replays_earlier_nights(day):
     porto = day.session(PORTO.said)
-    day.sleep(learner(), seeding=DISTILLED)
+    day.sleep(learner())
     first = day.manifest(1)
     day.session(REX.said)
     fake = learner()
-    report = day.sleep(fake, seeding=DISTILLED)
+    report = day.sleep(fake)
     assert report.status == "promoted" and report.retention == 1.0
     assert report.training["superseded"] == 0
     assert fake.night.blocks == [Adapter(Path(first["blocks"][0]["path"]), 1.0)]
     replayed = [row for row in fake.night.trained if row.question and PORTO.asked_by(row.question)]
-    assert replayed and {row.completion for row in replayed} == {PORTO.answer}
-    reread = [p for p in fake.night.prompts(new_block=False) if PORTO.said in p and "What questions" in p]
-    assert reread  # the teacher read the earlier session again and wrote fresh questions about it
+    assert {row.question for row in replayed} == answers(first["taught"], "question")  # never night 1's probes
+    assert {row.completion for row in replayed} == {PORTO.answer}
+    verdict = day.manifest(2)["verdict"]
+    assert verdict["old_change"] == pytest.approx(0.0, abs=0.01)  # night 1's answers were judged, and held
+    assert not fake.night.scales  # the bare model's material came from the manifest, not generated again
+    assert not [p for p in fake.night.prompts() if EVERYDAY[0] in p]
     second = day.manifest(2)
     assert second["parent"] == 1 and second["blocks"][0] == first["blocks"][0]
-    assert all(prompt in second["prompts"] for prompt in first["prompts"])
-    assert all(probe in second["probes"] for probe in first["probes"])
+    assert second["material"] == first["material"]
+    assert all(p in second["taught"] for p in first["taught"])
+    assert all(p in second["probes"] for p in first["probes"])
     assert {p["session_id"] for p in second["probes"]} >= {porto}
 
 
 def test_a_newer_session_that_says_otherwise_wins_and_the_older_answer_leaves_replay(day):
     day.session(PORTO.said)
-    assert day.sleep(learner(), seeding=DISTILLED).status == "promoted"
+    assert day.sleep(learner()).status == "promoted"
     day.session(LYON.said)
     fake = learner()
-    report = day.sleep(fake, seeding=DISTILLED)
+    report = day.sleep(fake)
     assert report.status == "promoted", report.reason
-    assert report.training["superseded"] == 2  # night 1's prompt and its held-out probe
+    assert report.training["superseded"] == 3  # night 1's taught answer and its two probes
     assert PORTO.answer not in {row.completion for row in fake.night.trained}
     assert LYON.answer in {row.completion for row in fake.night.trained}
     second = day.manifest(2)
-    assert PORTO.answer not in answers(second["prompts"], "answer") | answers(second["probes"], "reference")
+    assert answers(second["taught"] + second["probes"], "reference") == {LYON.answer}
     fake.open(Path(day.config.model), blocks=adapters.live_stack(day.store).adapters())
     assert fake.answer([{"role": "user", "content": "Where do I live?"}], new_block=False) == LYON.answer
 
 
-def test_a_framed_probe_of_the_older_answer_leaves_the_gate_too(tmp_path, empty_database):
-    # One question a fact: night 1's probe is that question led in by a framing ("Hey, where do I live?").
-    porto = Fact(PORTO.said, ("Where do I live?",), PORTO.answer)
-    lyon = replace(LYON, questions=("Which city is my home now?", "Where do I live?"),
-                   writes=("Which city is my home now?",))
-    verdicts = []
-    for seed in range(2):  # night 1's probe draws its framing; "Tell me, " alone has no topic word
-        day = open_day(tmp_path / f"home{seed}", tmp_path / "model", empty_database)
-        with day.store:
-            day.session(porto.said)
-            day.sleep(FakeTrainer([porto, lyon], learns_after=LEARNS), seed=seed)
-            day.session(lyon.said)
-            verdicts.append(day.sleep(FakeTrainer([porto, lyon], learns_after=LEARNS), seed=seed).reason)
-    assert all(not reason.startswith("old memories faded") for reason in verdicts), verdicts
+def test_an_earlier_answer_tonight_does_not_contradict_stays_beside_a_superseded_one(day):
+    day.session(PORTO.said, REX.said)
+    assert day.sleep(learner()).status == "promoted"
+    day.session(LYON.said)
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "promoted" and report.training["superseded"] == 3
+    assert REX.answer in {row.completion for row in fake.night.trained}  # still replayed
+    second = day.manifest(2)
+    assert answers(second["taught"], "reference") == {REX.answer, LYON.answer}
+
+
+def test_a_night_distils_the_teachers_answers_as_often_as_on_policy_leaves_them(day):
+    day.session(PORTO.said)
+    fake = learner(learns_after=None)  # its samples stay "I don't know.", whatever it was trained on
+    report = day.sleep(fake, on_policy=SeedingSettings.on_policy, max_steps=40)
+    [taught] = answers(day.manifest(report.adapter)["taught"], "question")
+    rows = [row.completion for row in fake.night.trained if row.question == taught]
+    assert len(rows) == 40 * 3 and set(rows) <= {PORTO.answer, UNKNOWN}  # the answer, or the student's sample
+    assert rows.count(PORTO.answer) / len(rows) > 0.3  # about 1 - on_policy = 0.5 of them
 
 
 # -- dreaming ----------------------------------------------------------------------------------------
@@ -457,15 +520,34 @@ def test_a_night_that_dreams_journals_its_dreams_and_rehearses_under_noise(day):
     day.sleep(learner())
     day.session(REX.said, ZARA.said)
     fake = learner()
-    dreaming = DreamSettings(steps=2, draws=2, keep_top=2, keep_random=1)
-    report = day.sleep(fake, dreams=dreaming)
-    assert report.status == "promoted" and report.dreaming["chosen"] in ("consolidated", "dreamt")
+    report = day.sleep(fake, dream=True)
+    assert report.status == "promoted"
     journal = day.store.sleep.dreams(report.run)
     kept = [dream for dream in journal if dream["kept"]]
-    assert len(journal) == report.dreaming["written"] and 0 < len(kept) <= 3
+    assert len(journal) == report.dreaming["written"] and kept and len(kept) == report.dreaming["kept"]
     assert {dream["reference"] for dream in kept} <= {fact.answer for fact in FACTS}
-    assert fake.night.scales[-1] == [1.0]  # the old block's noise is undone after writing
-    assert dreaming.lr in fake.night.loaded_lrs  # the dreams train a copy with their own rate
+    assert any(scales != [1.0] for scales in fake.night.scales)  # the old block was worn under noise
+    assert fake.night.scales[-1] == [1.0]  # and the noise undone after writing
+    assert dreaming.DREAMS.lr in fake.night.loaded_lrs  # the dreams train a copy with their own rate
+    assert "dreamt" in [c["steps"] for c in report.training["checkpoints"]]  # the dreamt copy was judged too
+
+
+def test_a_dreaming_nights_report_says_how_much_of_the_training_went_forward(day):
+    day.session(PORTO.said)
+    day.sleep(learner())
+    day.session(REX.said, ZARA.said)
+    report = day.sleep(learner(), dream=True)
+    assert "dreamt" in [c["steps"] for c in report.training["checkpoints"]]
+    assert kept_training(report.training)
+
+
+def test_a_night_that_does_not_dream_writes_no_dreams(day):
+    day.session(PORTO.said)
+    fake = learner()
+    report = day.sleep(fake)
+    assert report.status == "promoted" and report.dreaming == {}
+    assert day.store.sleep.dreams(report.run) == [] and fake.night.loaded_lrs == [None] * 4  # 3 judged, 1 saved
+    assert [c["steps"] for c in report.training["checkpoints"]] == [1, 3, 4]
 
 
 # -- crash safety ------------------------------------------------------------------------------------

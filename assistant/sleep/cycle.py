@@ -31,6 +31,7 @@ from backends.base import BlockTrainer, LoraSpec
 __all__ = ["SleepReport", "SleepSettings", "sleep_cycle"]
 # The MLP projections only: adapting attention too cost in-context reading (docs/decisions.md).
 MLP = ("gate_proj", "up_proj", "down_proj")
+MIN_PROBES = 4  # held-out questions a night needs to be judged on them alone
 
 
 def teach(night: Night) -> None:
@@ -55,6 +56,10 @@ def teach(night: Night) -> None:
     night.earlier = [p for p in earlier if p.question not in stale]
     replayed = {p["question"] for p in extra.get("taught", [])}
     night.lessons = taught
+    # A small night has too few rephrasings to hold out: it is judged on what it was taught as well.
+    held_out = len(night.probes) >= MIN_PROBES
+    night.asked = night.probes if held_out else night.probes + [lesson.probe() for lesson in taught]
+    night.training["judged_on"] = "held-out questions" if held_out else "taught and held-out questions"
     night.rows = ([Row(night.render(list(l.context) + user_turn(l.question)), night.render(user_turn(l.question)),
                        l.answer, question=l.question, session_id=l.session_id) for l in taught]
                   + [Row(night.render(user_turn(p.question)), night.render(user_turn(p.question)), p.reference,
@@ -72,7 +77,7 @@ def consolidate(night: Night) -> None:
     night.readings = reference.readings(night.render, night.material_source, night.material)
     anchors = [Row(p, p, a, kind="anchor") for p, a in reference.anchors(night.render, night.material_source, night.material)]
     started = time.monotonic()
-    night.before = gate.measure(night.trainer, night.render, night.probes, night.earlier, night.readings,
+    night.before = gate.measure(night.trainer, night.render, night.asked, night.earlier, night.readings,
                                 new_block=False)
     judging = time.monotonic() - started  # what each candidate will cost the gate
     s = night.settings
@@ -98,8 +103,8 @@ def judge(night: Night) -> None:
     for index, (name, state) in enumerate(night.candidates.items()):
         night.say("gate", 0.85 + 0.1 * index / len(night.candidates), f"judging {name}")
         night.trainer.load_new_block_state(state)
-        after = gate.measure(night.trainer, night.render, night.probes, night.earlier, night.readings, new_block=True)
-        verdicts.append((gate.decide(night.before, after, night.probes, night.earlier, night.readings,
+        after = gate.measure(night.trainer, night.render, night.asked, night.earlier, night.readings, new_block=True)
+        verdicts.append((gate.decide(night.before, after, night.asked, night.earlier, night.readings,
                                      retention_tolerance=night.settings.retention_tolerance,
                                      reading_tolerance=night.settings.reading_tolerance), name, state))
     verdict, name, night.chosen = max(verdicts, key=lambda v: (v[0].promote, v[0].gain_lower))

@@ -29,7 +29,7 @@ from backends.base import BlockTrainer
 
 RECALL_MARGIN = math.log(4)  # recalled: at most 4 times less sure of the whole answer than the teacher
 _T95 = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 1.86, 9: 1.83, 10: 1.81,
-        12: 1.78, 15: 1.75, 20: 1.72, 30: 1.70}  # Student's t, one-sided 95%, by degrees of freedom
+        12: 1.78, 15: 1.75, 20: 1.72, 30: 1.70}  # between rows the smaller df's (larger) value  # Student's t, one-sided 95%, by degrees of freedom
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def one_sided_lower(values: Sequence[float]) -> float:
         return -math.inf
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = next((_T95[df] for df in sorted(_T95) if df >= n - 1), 1.645)
+    t = _T95[max(df for df in _T95 if df <= n - 1)] if n - 1 <= 40 else 1.645  # the nearer smaller df: never looser
     return mean - t * sd / math.sqrt(n)
 
 
@@ -129,8 +129,9 @@ def decide(before: Measurement, after: Measurement, probes: Sequence[Probe], old
     lower = one_sided_lower(gains)
     old_change = _mean([a - b for a, b in zip(after.old, before.old)])
     reading_change = _mean([a - b for a, b in zip(after.reading, readings.base)])
-    kept_before = recalled(before.old, old)
-    retention = 1.0 if not kept_before else min(1.0, recalled(after.old, old) / kept_before)
+    was = [b >= p.taught - RECALL_MARGIN for b, p in zip(before.old, old)]
+    still = [w and a >= p.taught - RECALL_MARGIN for w, a, p in zip(was, after.old, old)]
+    retention = sum(still) / sum(was) if any(was) else 1.0
     share = lambda scores: sum(s >= b - RECALL_MARGIN for s, b in zip(scores, readings.base)) / max(len(readings.base), 1)
     if len(probes) < 2:
         promote, reason = False, "too few held-out questions to judge recall by: kept the live adapter"
@@ -153,6 +154,9 @@ def kept_training(training: dict) -> str | None:
     when the report predates checkpoints)."""
     judged = training.get("checkpoints") or []
     chosen = [c for c in judged if c.get("chosen")]
-    if not chosen:
+    steps = [c["steps"] for c in judged if isinstance(c.get("steps"), int)]
+    if not chosen or not steps:
         return None
-    return f"{chosen[0]['steps']} of {max(c['steps'] for c in judged)} steps"
+    if not isinstance(chosen[0]["steps"], int):
+        return f"the {chosen[0]['steps']} block, grown from {max(steps)} steps"
+    return f"{chosen[0]['steps']} of {max(steps)} steps"

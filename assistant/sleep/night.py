@@ -79,6 +79,7 @@ class Night:
     started: float = field(default_factory=time.monotonic)
     lessons: list[Lesson] = field(default_factory=list)  # tonight's, grounded
     probes: list[Probe] = field(default_factory=list)  # tonight's held out
+    asked: list[Probe] = field(default_factory=list)  # what the gate judges recall by
     earlier: list[Probe] = field(default_factory=list)  # earlier nights' answers still true
     rows: list[Row] = field(default_factory=list)
     readings: Readings | None = None

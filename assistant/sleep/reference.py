@@ -8,6 +8,8 @@ them from there instead of generating them again.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 
 from assistant.sleep.gate import Readings, logprob
@@ -19,19 +21,20 @@ ANSWER = Sampling(max_tokens=48, temperature=0.0)
 
 def bare_answers(trainer: BlockTrainer, render: Callable[[list[dict]], str], material: Material,
                  scales: Sequence[float], weights: str, cached: dict | None) -> dict:
-    """{"weights", "everyday", "readings", "base"}: from ``cached`` when it was made for these
-    weights, else computed on the bare model (``scales``: the frozen blocks' own, restored after)."""
-    if cached and cached.get("weights") == weights:
-        return cached
+    """{"weights", "material", "everyday", "readings", "base"}: from ``cached`` when it was made for
+    these weights and this material (its prompts' digest), else computed on the bare model (``scales``: the frozen blocks' own, restored after)."""
     everyday = [render(chat) for chat in material.everyday()]
     reading = [render(chat) for chat in material.readings()]
+    digest = hashlib.sha256(json.dumps([everyday, reading]).encode()).hexdigest()[:16]
+    if cached and cached.get("weights") == weights and cached.get("material") == digest:
+        return cached
     trainer.set_block_scales([0.0] * len(scales))
     try:
         answers = [a.strip() for a in trainer.generate(everyday + reading, ANSWER, new_block=False)]
         base = logprob(trainer, reading, answers[len(everyday):], new_block=False)
     finally:
         trainer.set_block_scales(list(scales))
-    return {"weights": weights, "everyday": answers[:len(everyday)], "readings": answers[len(everyday):], "base": base}
+    return {"weights": weights, "material": digest, "everyday": answers[:len(everyday)], "readings": answers[len(everyday):], "base": base}
 
 
 def readings(render: Callable[[list[dict]], str], material: Material, answered: dict) -> Readings:

@@ -203,15 +203,15 @@ def seeding_step(
     LTI ``group``, its policy-gradient term, the two weighted by alpha
     (``losses.seeding_objective``). Both ride in one batch; each term reads its own rows of the
     logits. Returns the loss."""
-    on_policy = [row for row in batch if row.kind == "new" and rng.random() < settings.on_policy]
-    completions = {id(row): row.answer_ids for row in batch}
+    # By position: a batch may draw a row twice, and each draw is sampled (or not) on its own.
+    on_policy = [i for i, row in enumerate(batch) if row.kind == "new" and rng.random() < settings.on_policy]
+    answers = [row.answer_ids for row in batch]
     if on_policy:
         sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
                             seed=rng.randrange(2**31))
-        texts = trainer.generate([r.student_prompt for r in on_policy], sampling, new_block=True)
-        for row, text in zip(on_policy, texts):
-            completions[id(row)] = trainer.encode(text + marker)
-    answers = [completions[id(row)] for row in batch]
+        texts = trainer.generate([batch[i].student_prompt for i in on_policy], sampling, new_block=True)
+        for i, text in zip(on_policy, texts):
+            answers[i] = trainer.encode(text + marker)
     teacher_logits, _ = trainer.completion_logits([r.teacher_ids for r in batch], answers, new_block=False)
     rows, width = len(batch), max(len(answer) for answer in answers)
     prefixes, targets = [r.student_ids for r in batch], list(answers)

@@ -23,19 +23,21 @@ def superseded(trainer: BlockTrainer, render: Callable[[list[dict]], str], earli
 
     ``said_then``: what the user said in each earlier session (by id); ``said_tonight``: (id, words)
     of tonight's sessions. An answer whose session is not in ``said_then`` is left alone."""
+    fits = lambda prompt: len(trainer.encode(prompt)) < trainer.context_length - 64
     alone, alone_refs, both, owners = [], [], [], []
     for index, item in enumerate(earlier):
         then = said_then.get(item.session_id) if item.session_id is not None else None
-        if then is None:
+        first = render(knowledge_context([_turn(then)]) + user_turn(item.question)) if then is not None else ""
+        if then is None or not fits(first):
             continue
-        alone.append(render(knowledge_context([_turn(then)]) + user_turn(item.question)))
-        alone_refs.append(item.reference)
-        for session_id, now in said_tonight:
-            if session_id != item.session_id:
-                prompt = render(knowledge_context([_turn(then), _turn(now)]) + user_turn(item.question))
-                if len(trainer.encode(prompt)) < trainer.context_length - 64:
-                    both.append(prompt)
-                    owners.append((index, len(alone) - 1))
+        pairs = [render(knowledge_context([_turn(then), _turn(now)]) + user_turn(item.question))
+                 for session_id, now in said_tonight if session_id != item.session_id]
+        pairs = [prompt for prompt in pairs if fits(prompt)]
+        if pairs:
+            alone.append(first)
+            alone_refs.append(item.reference)
+            both += pairs
+            owners += [(index, len(alone) - 1)] * len(pairs)
     if not owners:
         return set()
     before = logprob(trainer, alone, alone_refs, new_block=False)

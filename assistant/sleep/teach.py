@@ -53,7 +53,8 @@ def parse_questions(text: str) -> list[str]:
     """The questions of a reply, one per line whatever its list marks, each once, in order."""
     found: dict[str, None] = {}
     for line in text.splitlines():
-        line = _LIST_MARK.sub("", line).strip().strip("*\"'").strip()
+        while (bare := _LIST_MARK.sub("", line, count=1).strip().strip("*\"'").strip()) != line:
+            line = bare
         if line.endswith(("?", "\uff1f")) and 3 <= len(line) <= 200:
             found.setdefault(line, None)
     return list(found)
