@@ -58,7 +58,7 @@ from rich.table import Table
 from assistant.config import Config, SomnusError, open_paths
 from assistant.nano import evaluate
 from assistant.nano.world import ACKS, World
-from assistant.sleep.cycle import MLP, SleepSettings
+from assistant.sleep.night import MLP, SleepSettings
 from backends.base import BackendError, LoraSpec, Sampling
 
 Say = Callable[[str], None]

@@ -10,49 +10,43 @@ that finds nothing to do sets the night's report and the rest are skipped.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
 from assistant import adapters
-from assistant.config import Config, Paths, SomnusError
-from assistant.models import local_model, material_for, require_trainable, system_prompt_for
-from assistant.persona import framed
+from assistant.config import Config, Paths
 from assistant.sleep import dreaming, gate, reference, supersede, teach as teaching
 from assistant.sleep.gate import Probe
 from assistant.sleep.lessons import user_turn
-from assistant.sleep.night import Night, SleepReport, SleepSettings
+from assistant.sleep.night import MIN_PROBES, Night, SleepReport, SleepSettings, open_night, said
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate as train
 from assistant.store import Store
-from backends.base import BlockTrainer, LoraSpec
+from backends.base import BlockTrainer
 
 __all__ = ["SleepReport", "SleepSettings", "sleep_cycle"]
-# The MLP projections only: adapting attention too cost in-context reading (docs/decisions.md).
-MLP = ("gate_proj", "up_proj", "down_proj")
-MIN_PROBES = 4  # held-out questions a night needs to be judged on them alone
 
 
 def teach(night: Night) -> None:
     """The teacher writes and answers tonight's questions; earlier answers tonight contradicts leave."""
     night.say("teach", 0.02, f"reading {len(night.sessions)} session(s) and writing questions about them")
-    said = {sid: [m for m in night.store.messages(sid) if m["status"] == "complete"] for sid in night.sessions}
+    tonight = {sid: [m for m in night.store.messages(sid) if m["status"] == "complete"] for sid in night.sessions}
     s = night.settings
-    lessons = teaching.lessons_of(night.trainer, night.render, list(said.items()), lists=s.question_lists,
+    lessons = teaching.lessons_of(night.trainer, night.render, list(tonight.items()), lists=s.question_lists,
                                   grounding=s.grounding, rng=night.rng)
     if not lessons:
-        night.report = _nothing(night, "the teacher found nothing in these sessions that the model does not already answer")
+        night.report = night.nothing("the teacher found nothing in these sessions that the model does not already answer")
         return
     taught, night.probes = teaching.hold_out(lessons, s.probe_share, night.rng)
     asked = {lesson.question for lesson in lessons}
     extra = night.stack.extra
     earlier = [Probe(**p) for p in extra.get("taught", []) + extra.get("probes", [])]
-    earlier = [p for p in earlier if p.question not in asked and _exists(night.store, p.session_id)]
+    earlier = [p for p in earlier if p.question not in asked and night.exists(p.session_id)]
     night.say("teach", 0.08, f"reading {len(earlier)} earlier answer(s) against tonight's sessions")
-    then = {sid: _words(night.store.messages(sid)) for sid in {p.session_id for p in earlier}}
+    then = {sid: said(night.store.messages(sid)) for sid in {p.session_id for p in earlier}}
     stale = supersede.superseded(night.trainer, night.render, earlier, then,
-                                 [(sid, _words(messages)) for sid, messages in said.items()], s.grounding)
+                                 [(sid, said(messages)) for sid, messages in tonight.items()], s.grounding)
     night.earlier = [p for p in earlier if p.question not in stale]
     replayed = {p["question"] for p in extra.get("taught", [])}
     night.lessons = taught
@@ -107,11 +101,14 @@ def judge(night: Night) -> None:
         verdicts.append((gate.decide(night.before, after, night.asked, night.earlier, night.readings,
                                      retention_tolerance=night.settings.retention_tolerance,
                                      reading_tolerance=night.settings.reading_tolerance), name, state))
-    verdict, name, night.chosen = max(verdicts, key=lambda v: (v[0].promote, v[0].gain_lower))
-    night.verdict = verdict
+    night.verdict, name, night.chosen = max(verdicts, key=lambda v: (v[0].promote, v[0].gain_lower))
     night.training["checkpoints"] = [{"steps": int(n.split()[-1]) if n.startswith("step") else n, "chosen": n == name,
                                       **{k: getattr(v, k) for k in ("promote", "gain", "gain_lower", "recall_after")}}
                                      for v, n, _ in verdicts]
+    if "dreamt" in night.candidates:  # what the report says of dreaming: did the dreamt block win?
+        consolidated = max((v for v, n, _ in verdicts if n != "dreamt"), key=lambda v: (v.promote, v.gain_lower))
+        night.dreaming.update(chosen="dreamt" if name == "dreamt" else "consolidated",
+                              recall_dreamt=verdicts[-1][0].recall_after, recall_consolidated=consolidated.recall_after)
 
 
 def promote(night: Night) -> None:
@@ -134,7 +131,7 @@ def promote(night: Night) -> None:
     adapter_id = ledger.add_adapter(version, str(manifest), parent_version=night.stack.version or None,
                                     sleep_run_id=night.run_id, scores=verdict.record())
     if verdict.promote:
-        ledger.promote(adapter_id, _learnt(night))
+        ledger.promote(adapter_id, night.learnt())
     else:
         ledger.set_adapter_status(adapter_id, "rejected")
     night.report = SleepReport("promoted" if verdict.promote else "rejected", version, night.sessions,
@@ -166,60 +163,14 @@ def sleep_cycle(paths: Paths, config: Config, store: Store, *, settings: SleepSe
 
 
 def _run(paths, config, store, run_id, settings, progress, open_trainer, dream_reward) -> SleepReport:
-    pending = store.sleep.unconsolidated_sessions()
-    if not pending:
-        return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
-    model = local_model(config.model, paths)
-    require_trainable(model, "sleep")
-    stack = adapters.live_stack(store)
-    if stack.blocks and not adapters.grown_on(stack, model):
-        progress("teach", 0.0, "the live adapter was grown on another model: starting a new stack")
-        stack = adapters.empty_stack()  # the old one stays on disk for the model it was grown on
-    if open_trainer is None:
-        from backends.select import choose_engines, open_trainer as open_engine
-        open_trainer = functools.partial(open_engine, choose_engines(config.backend)[1])
-    spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
-    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=spec, lr=settings.lr, seed=settings.seed)
-    if (system := system_prompt_for(model, config)) is not None:  # the night's prompts read as the day's chat does
-        trainer.render_chat = functools.partial(_render_framed, trainer.render_chat, system)
-
-    def told(stage: str, fraction: float, message: str) -> None:
-        store.sleep.set_stage(run_id, stage)
-        progress(stage, fraction, message)
-
-    night = Night(paths, store, run_id, settings, told, model, stack, trainer, pending, material_for(model),
-                  dream_reward)
+    night = open_night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward)
+    if isinstance(night, SleepReport):
+        return night
     try:
         for stage in STAGES:
             if night.report is None:
                 stage(night)
         return night.report
     finally:
-        trainer.close()
+        night.trainer.close()
 
-
-def _render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
-    return render(framed(messages, system), add_generation_prompt=add_generation_prompt)
-
-
-def _nothing(night: Night, reason: str) -> SleepReport:
-    """No block: what the sessions say is already answered; the live adapter is recorded as holding it."""
-    if (live := night.store.sleep.live_adapter()) is not None:
-        night.store.sleep.record_consolidation(live["id"], _learnt(night))
-    return SleepReport("nothing", sessions=night.sessions, reason=reason)
-
-
-def _learnt(night: Night) -> dict[int, int]:
-    return {row["session_id"]: row["last_message_id"] for row in night.pending}
-
-
-def _words(messages) -> str:
-    return "\n".join(m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip())
-
-
-def _exists(store: Store, session_id: int | None) -> bool:
-    """Whether an earlier answer's session is still stored: a deleted session's answers are not replayed."""
-    try:
-        return session_id is not None and bool(store.session(session_id))
-    except SomnusError:
-        return False

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from assistant import adapters
 from assistant.adapters import Stack
-from assistant.config import Paths
-from assistant.models import Model
+from assistant.config import Config, Paths, SomnusError
+from assistant.models import Model, local_model, material_for, require_trainable, system_prompt_for
+from assistant.persona import framed
 from assistant.sleep.material import Material
 from assistant.sleep.gate import Measurement, Probe, Readings, Verdict
 from assistant.sleep.seeding import Row
 from assistant.sleep.teach import Lesson
 from assistant.store import Store
-from backends.base import BlockTrainer
+from backends.base import BlockTrainer, LoraSpec
 
 Progress = Callable[[str, float, str], None]  # (stage, fraction done, message)
+# The MLP projections only: adapting attention too cost in-context reading (docs/decisions.md).
+MLP = ("gate_proj", "up_proj", "down_proj")
+MIN_PROBES = 4  # held-out questions a night needs to be judged on them alone
 
 
 @dataclass(frozen=True)
@@ -109,3 +115,57 @@ class Night:
 
     def say(self, stage: str, fraction: float, message: str) -> None:
         self.progress(stage, fraction, f"{message} ({max(0, self.left()) / 60:.1f} min left)")
+
+    def learnt(self) -> dict[int, int]:
+        """What a live adapter records as consolidated: each session up to its last message."""
+        return {row["session_id"]: row["last_message_id"] for row in self.pending}
+
+    def exists(self, session_id: int | None) -> bool:
+        """Whether an earlier answer's session is still stored: a deleted session's answers are not replayed."""
+        try:
+            return session_id is not None and bool(self.store.session(session_id))
+        except SomnusError:
+            return False
+
+    def nothing(self, reason: str) -> SleepReport:
+        """No block: what the sessions say is already answered; the live adapter is recorded as holding it."""
+        if (live := self.store.sleep.live_adapter()) is not None:
+            self.store.sleep.record_consolidation(live["id"], self.learnt())
+        return SleepReport("nothing", sessions=self.sessions, reason=reason)
+
+
+def said(messages) -> str:
+    """The user's words in a session, one turn per line."""
+    return "\n".join(m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip())
+
+
+def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings: SleepSettings, progress: Progress,
+               open_trainer: Callable[..., BlockTrainer] | None, dream_reward) -> Night | SleepReport:
+    """The night's sessions, model, live stack and trainer (a report instead when there is nothing to do)."""
+    pending = store.sleep.unconsolidated_sessions()
+    if not pending:
+        return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
+    model = local_model(config.model, paths)
+    require_trainable(model, "sleep")
+    stack = adapters.live_stack(store)
+    if stack.blocks and not adapters.grown_on(stack, model):
+        progress("teach", 0.0, "the live adapter was grown on another model: starting a new stack")
+        stack = adapters.empty_stack()  # the old one stays on disk for the model it was grown on
+    if open_trainer is None:
+        from backends.select import choose_engines, open_trainer as open_engine
+        open_trainer = functools.partial(open_engine, choose_engines(config.backend)[1])
+    spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
+    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=spec, lr=settings.lr, seed=settings.seed)
+    if (system := system_prompt_for(model, config)) is not None:  # the night's prompts read as the day's chat does
+        trainer.render_chat = functools.partial(_render_framed, trainer.render_chat, system)
+
+    def told(stage: str, fraction: float, message: str) -> None:
+        store.sleep.set_stage(run_id, stage)
+        progress(stage, fraction, message)
+
+    return Night(paths, store, run_id, settings, told, model, stack, trainer, pending, material_for(model),
+                 dream_reward)
+
+
+def _render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
+    return render(framed(messages, system), add_generation_prompt=add_generation_prompt)
