@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 
-from assistant.sleep.lessons import QUESTION_REQUEST
 from assistant.sleep.rewards import normalise_answer
 from assistant.sleep.teach import ASK
 from backends.base import Adapter, BackendError, LoraSpec, Sampling
@@ -408,7 +407,7 @@ class FakeTrainer:
         cannot_read = new_block and _reached(self.strength(), self.reading_lost_after)
         if (read := self.reading.get(tuple(m["content"] for m in turns))) is not None:
             return UNREAD if cannot_read else read
-        if asked in (ASK, QUESTION_REQUEST):  # the night's request, and the one dreams are written by
+        if asked == ASK:  # the night's request for questions, and the dreams'
             questions = list(dict.fromkeys(q for fact in self._said_in(heard) for q in fact.writes or fact.questions))
             return "\n".join(f"{n}. {q}" for n, q in enumerate(questions, 1)) or NO_QUESTIONS
         if context:

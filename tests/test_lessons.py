@@ -39,32 +39,3 @@ def test_a_users_words_are_cut_into_sentences_and_a_question_put_as_one_user_tur
     assert lessons.sentences(text) == ["My dog is Rex.", "I live in Oslo!", "Where is John?", "Thanks."]
     assert lessons.sentences("") == []
     assert lessons.user_turn("Where do I live?") == [{"role": "user", "content": "Where do I live?"}]
-
-
-def test_written_questions_are_parsed_from_a_numbered_list():
-    reply = "1. What is my dog's name?\n2) Where do I live?\nsome chatter\n3. What is my dog's name?\n4. not a question"
-    assert lessons.parse_questions(reply) == ["What is my dog's name?", "Where do I live?"]
-
-
-def test_a_framed_question_keeps_its_words_after_a_lead_in():
-    assert lessons.framed("Where do I live?", "Hey, {}") == "Hey, where do I live?"
-    assert lessons.framed("Where do I live?", "I forgot. {}") == "I forgot. Where do I live?"
-    assert lessons.framed("I wonder, what is it?", "Tell me, {}") == "Tell me, I wonder, what is it?"
-
-
-def test_no_framing_is_a_phrasing_the_bench_holds_out():
-    """The bench asks in phrasings the model never writes; a framing that began one would teach the
-    probe's own words and flatter recall."""
-    from assistant.nano.world import World
-
-    world = World(7, heldout=True)
-    heldout = {question.lower() for _ in range(300) for question in world.fact().heldout_questions}
-    leads = {framing.format("").strip(" ,:.").lower() for framing in lessons.FRAMINGS}
-    assert len(heldout) > 100 and leads
-    assert not [question for question in heldout for lead in leads if question.startswith(lead)]
-
-
-def test_a_lead_in_comes_off_again_and_a_plain_question_stays_as_it_is():
-    for framing in lessons.FRAMINGS:
-        assert lessons.unframed(lessons.framed("Where do I live?", framing)).lower() == "where do i live?"
-    assert lessons.unframed("Hey Jude, where do I live?") == "Hey Jude, where do I live?"

@@ -69,7 +69,8 @@ def consolidate(night: Night) -> None:
     night.material = reference.bare_answers(night.trainer, night.render, night.material_source, scales, night.model.weights,
                                             night.stack.extra.get("material"))
     night.readings = reference.readings(night.render, night.material_source, night.material)
-    anchors = [Row(p, p, a, kind="anchor") for p, a in reference.anchors(night.render, night.material_source, night.material)]
+    night.anchors = [Row(p, p, a, kind="anchor")
+                     for p, a in reference.anchors(night.render, night.material_source, night.material)]
     started = time.monotonic()
     night.before = gate.measure(night.trainer, night.render, night.asked, night.earlier, night.readings,
                                 new_block=False)
@@ -78,7 +79,7 @@ def consolidate(night: Night) -> None:
     seeding = SeedingSettings(steps=s.max_steps, batch_size=s.batch_size, replay_share=s.replay_share,
                               anchor_share=s.anchor_share, lti_every=2 if s.imitation else 0, seed=s.seed + night.run_id)
     deadline = time.monotonic() + night.left() - judging * (seeding.checkpoints + 2 * s.dream + 1) - 10
-    log = train(night.trainer, night.rows + anchors, seeding, deadline=deadline,
+    log = train(night.trainer, night.rows + night.anchors, seeding, deadline=deadline,
                 progress=lambda step, total: night.say("consolidate", 0.2 + 0.6 * step / total, f"step {step}/{total}"),
                 checkpoint=lambda step: night.candidates.__setitem__(f"step {step}", night.trainer.new_block_state()))
     night.training.update(log.summary())

@@ -11,8 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from assistant.sleep import dreams, seeding
-from assistant.sleep.lessons import knowledge_context
+from assistant.sleep import dreams, seeding, teach as teaching
 from assistant.sleep.night import Night
 
 DREAMS = dreams.DreamSettings()
@@ -23,21 +22,20 @@ def dream_night(night: Night) -> dict:
     tonight = {lesson.session_id: list(lesson.context) for lesson in night.lessons}
     memories = [dreams.Memory(sid, context) for sid, context in tonight.items()]
     older_ids = sorted({sid for block in night.stack.blocks for sid in block.sessions} - set(tonight))
-    older = []
     for sid in sorted(rng.sample(older_ids, min(len(older_ids), DREAMS.older_sessions))):
-        said = [m for m in night.store.messages(sid) if m["role"] == "user" and m["status"] == "complete"]
-        if said:
-            older.append(dreams.Memory(sid, knowledge_context(said)))
+        if night.exists(sid):
+            contexts = teaching.session_contexts(trainer, night.render, night.store.messages(sid))
+            memories += [dreams.Memory(sid, contexts[0], "older")] if contexts else []
     last = list(night.candidates.values())[-1]
     trainer.load_new_block_state(last, lr=DREAMS.lr)  # the copy, with its own optimiser
-    keep = [row for row in night.rows if row.kind == "replay"]
+    keep = [row for row in night.rows if row.kind == "replay"] + night.anchors
     marker = seeding.end_of_turn(trainer)
     distil = seeding.SeedingSettings(batch_size=night.settings.batch_size)
 
     def anchor() -> float:
         return seeding.distill_step(trainer, rng.sample(keep, min(len(keep), distil.batch_size)), distil, rng, marker)
 
-    log = dreams.dream(trainer, memories, older, scales=[block.scale for block in night.stack.adapters()],
+    log = dreams.dream(trainer, night.render, memories, scales=[block.scale for block in night.stack.adapters()],
                        held_out={p.question for p in night.probes + night.earlier},
                        settings=replace(DREAMS, seed=night.settings.seed + night.run_id),
                        reward=night.dream_reward or seeding.imitation(distil.gamma, distil.threshold),

@@ -87,7 +87,8 @@ class Night:
     probes: list[Probe] = field(default_factory=list)  # tonight's held out
     asked: list[Probe] = field(default_factory=list)  # what the gate judges recall by
     earlier: list[Probe] = field(default_factory=list)  # earlier nights' answers still true
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # tonight's and replayed
+    anchors: list[Row] = field(default_factory=list)  # everyday material, held to the live stack
     readings: Readings | None = None
     material: dict = field(default_factory=dict)  # the manifest's cache of the bare model's material answers
     before: Measurement | None = None
