@@ -274,10 +274,12 @@ def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Pa
     return export
 
 
-def system_prompt_for(model: Model, config: Config) -> str | None:
-    """The system prompt ``model`` reads: the setting ("" sends none), except for nano, which was
-    trained without a system turn (known by its folder, which benches also name it by)."""
-    if model.path.resolve() == NANO_DIR.resolve() or not config.system_prompt.strip():
+def system_prompt_for(model: Model | Path, config: Config) -> str | None:
+    """The system prompt ``model`` (or the model at a path) reads: the setting ("" sends none),
+    except for nano, which was trained without a system turn (known by its folder, which benches
+    also name it by)."""
+    path = model if isinstance(model, Path) else model.path
+    if path.resolve() == NANO_DIR.resolve() or not config.system_prompt.strip():
         return None
     return config.system_prompt
 

@@ -492,6 +492,8 @@ def bench_sleep(
     sessions: Annotated[int, typer.Option(min=1, help="Generated sessions per night.")] = 10,
     facts: Annotated[int, typer.Option(min=1, help="Facts told per generated session.")] = 3,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sleep steps per night (default: the sleep's own).")] = None,
+    budget: Annotated[Optional[float], typer.Option(min=0.5, help="Minutes each night may take (default: the sleep's own).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One night, in context, floor, retrieval, sleep and fine-tune: minutes.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the scenario.")] = 1234,
 ) -> None:
     """Does sleep work? Recall without context after sleep, against reading, fine-tuning and more, night after night."""
@@ -502,8 +504,10 @@ def bench_sleep(
     with _ModelProgress() as progress:
         model = local_model(ws.config.model, ws.paths, progress)
     require_trainable(model, "somnus bench sleep")
-    bench = sleep_bench.BenchSettings(seed=seed, nights=nights, babi_nights=babi_nights, sessions=sessions,
-                                      facts=facts, steps=steps or sleep_bench.BenchSettings.steps)
+    bench = sleep_bench.BenchSettings(seed=seed, nights=1 if quick else nights, babi_nights=babi_nights,
+                                      sessions=sessions, facts=facts, steps=steps or sleep_bench.BenchSettings.steps,
+                                      budget_minutes=budget or (6.0 if quick else sleep_bench.BenchSettings.budget_minutes),
+                                      quick=quick)
     sleep_bench.run(ws.config.with_overrides(model=str(model.path)), bench, babi_dir=babi, json_path=json_path)
 
 

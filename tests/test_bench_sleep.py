@@ -15,8 +15,8 @@ import pytest
 from assistant.bench import sleep as bench
 from assistant.nano import evaluate
 
-ABLATIONS = {"no_dream", "no_selection", "no_noise"}
-METHODS = {"in_context", "floor", "sleep", "finetune", "distill_only"} | ABLATIONS
+ABLATIONS = {"with_dream"}
+METHODS = {"in_context", "floor", "retrieval", "sleep", "finetune", "with_lti"} | ABLATIONS
 PER_DATA_SET = {"methods", "retention", "in_context_drop", "nights", "seconds_per_night", "latest_recall",
                 "each_night", "per_night", "ablations", "skipped"}
 
@@ -125,6 +125,7 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
         assert method["probes"] == 4
         assert method["reading"] == generated["methods"]["in_context"]["recall"]
         assert tuple(method["recall_interval"]) == pytest.approx(bench.wilson(method["recall"], 4))
+    assert 0.0 <= generated["methods"]["retrieval"]["found"] <= 1.0
     assert generated["retention"] is None or generated["retention"] >= 0
     assert -100 <= generated["in_context_drop"] <= 100
     each = generated["each_night"]
@@ -144,7 +145,7 @@ def test_the_dreaming_ablations_sleep_two_nights_beside_the_full_sleep(tiny_run)
         assert {"recall", "cr", "seconds", "status"} <= set(row)
         if name in ABLATIONS:
             assert generated["methods"][name] == row
-    assert ablations["no_dream"]["chosen"] is None  # it never dreamt, so there was nothing to choose
+    assert ablations["sleep"]["chosen"] is None  # the default sleep never dreams, so there was nothing to choose
 
 
 @pytest.mark.slow
@@ -173,3 +174,19 @@ def test_the_table_shows_the_first_night_and_the_ablations_night(tiny_run):
     console.print(bench.results_table(tiny_run[0]))
     lines = [line for line in console.export_text().splitlines() if "│ generated │ sleep" in line]
     assert len(lines) == 2 and "night 2" not in lines[0] and "night 2" in lines[1]
+
+
+@pytest.mark.slow
+def test_a_quick_run_is_one_night_of_the_methods_a_user_weighs(tiny_model_dir, tmp_path):
+    out = tmp_path / "quick.json"
+    command = [sys.executable, "-m", "cli", "--home", str(tmp_path / "home"), "--model", str(tiny_model_dir),
+               "--backend", "torch", "bench", "sleep", "--quick", "--json", str(out), "--sessions", "2",
+               "--facts", "2", "--steps", "2", "--budget", "1", "--seed", "7"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    generated = report["generated"]
+    assert set(generated["methods"]) == {"in_context", "floor", "retrieval", "sleep", "finetune"}
+    assert generated["nights"] == 1 and generated["ablations"] == {} and generated["supersession"] is None
+    assert report["settings"]["budget_minutes"] == 1 and report["settings"]["quick"] is True
+    assert "--quick" in report["babi"]["skipped"]

@@ -36,6 +36,7 @@ consolidation measured on all the nights, where night 1 alone asks too few (3 or
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import random
@@ -58,7 +59,7 @@ from rich.table import Table
 from assistant.config import Config, SomnusError, open_paths
 from assistant.nano import evaluate
 from assistant.nano.world import ACKS, World
-from assistant.sleep.night import MLP, SleepSettings
+from assistant.sleep.night import MLP, SleepSettings, render_framed
 from backends.base import BackendError, LoraSpec, Sampling
 
 Say = Callable[[str], None]
@@ -86,10 +87,12 @@ class BenchSettings:
     sessions: int = 10  # generated sessions per night
     facts: int = 3  # facts told per generated session
     steps: int = SleepSettings().max_steps  # sleep steps per night, at most
+    budget_minutes: float = SleepSettings().budget_minutes  # each night's time budget
     in_context_sessions: int = 40  # fresh generated sessions for the in-context drop
+    quick: bool = False  # one night, the four methods a user weighs (in context, floor, sleep, fine-tune)
 
     def sleep_settings(self) -> SleepSettings:
-        return SleepSettings(seed=self.seed, max_steps=self.steps)
+        return SleepSettings(seed=self.seed, max_steps=self.steps, budget_minutes=self.budget_minutes)
 
 
 @dataclass(frozen=True)
@@ -281,9 +284,14 @@ def _open(config: Config, adapters=(), settings: SleepSettings = SleepSettings()
     from backends.select import choose_engines, open_trainer
 
     engine = choose_engines(config.backend)[1]
+    from assistant.models import system_prompt_for
+
     spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
-    return closing(open_trainer(engine, Path(config.model), blocks=adapters, spec=spec, lr=settings.lr,
-                                seed=settings.seed))
+    trainer = open_trainer(engine, Path(config.model), blocks=adapters, spec=spec, lr=settings.lr, seed=settings.seed)
+    system = system_prompt_for(Path(config.model), config)
+    if system is not None:  # every method reads as the user's chat does, after the system prompt
+        trainer.render_chat = functools.partial(render_framed, trainer.render_chat, system)
+    return closing(trainer)
 
 
 def _read(trainer, night: Night, *, in_context: bool) -> list[bool]:
@@ -309,6 +317,41 @@ def nightly_readings(config: Config, nights: Sequence[Night], say: Say) -> dict:
     with _open(config) as trainer:
         return {"in_context": [share(_read(trainer, night, in_context=True)) for night in nights],
                 "floor": [share(_read(trainer, night, in_context=False)) for night in nights]}
+
+
+def retrieval(config: Config, night: Night, say: Say) -> dict:
+    """The bare model on night 1's probes, each after the session full-text search finds for it
+    (any of its words, best first): what a user could pick instead of sleep, a search beside the chat."""
+    from assistant.store import open_store
+
+    span = Span()
+    say("reading the session full-text search finds for each probe")
+    with tempfile.TemporaryDirectory(prefix="somnus-bench-") as folder:
+        paths = open_paths(Path(folder) / "home")
+        with open_store(paths, config) as store:
+            _record(store, night, config.model)
+            found = [_found(store, question.text) for question in night.questions]
+            chats = [(store_chat(store, sid) if sid is not None else []) + [{"role": "user", "content": q.text}]
+                     for sid, q in zip(found, night.questions)]
+    with _open(config) as trainer:
+        hits = _ask(trainer, chats, [q.value for q in night.questions])
+    return {"recall": share(hits), "found": share([s is not None and night.questions[i].session + 1 == s
+                                                   for i, s in enumerate(found)]), **span.record()}
+
+
+def _found(store, question: str) -> int | None:
+    words = re.findall(r"\w+", question)
+    if not words:
+        return None
+    with store.reading() as db:
+        rows = list(db.query("SELECT messages.session_id FROM messages_fts JOIN messages ON messages.id = "
+                             "messages_fts.rowid WHERE messages_fts MATCH ? ORDER BY rank LIMIT 1",
+                             [" OR ".join(db.quote_fts(word) for word in words)]))
+    return rows[0]["session_id"] if rows else None
+
+
+def store_chat(store, session_id: int) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in store.messages(session_id)]
 
 
 def bare_in_context(config: Config, fresh: tuple[int, int], say: Say) -> dict:
@@ -451,6 +494,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "in_context": isolated(reading, config, nights[0], in_context=True, say=say),
         "floor": isolated(reading, config, nights[0], in_context=False, say=say),
     }
+    methods["retrieval"] = isolated(retrieval, config, nights[0], say=say)
     fresh = (bench.in_context_sessions, bench.seed + 1)
     before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
     bare = isolated(nightly_readings, config, nights, say=say)
@@ -458,7 +502,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     first = slept["per_night"][0]
     methods["sleep"] = {key: first[key] for key in NIGHT_KEYS}
     methods["finetune"] = isolated(finetuning, config, nights[0], first["seconds"], settings, say=say)
-    for name, variant in CYCLE_VARIANTS.items():
+    for name, variant in ({} if bench.quick else CYCLE_VARIANTS).items():
         night = isolated(sleeping, config, nights[:1], variant(settings), None, say=say)["per_night"][0]
         methods[name] = {key: night[key] for key in NIGHT_KEYS}
     floor, ceiling = methods["floor"]["recall"], methods["in_context"]["recall"]
@@ -467,7 +511,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         method["reading"] = ceiling  # what CR divides by: the same probes read with their session
         method["probes"] = len(nights[0].questions)
         method["recall_interval"] = wilson(method["recall"], method["probes"])
-    ablations = ablate(config, nights, settings, slept, bare, say) if len(nights) >= ABLATION_NIGHT else {}
+    ablations = ablate(config, nights, settings, slept, bare, say) if len(nights) >= ABLATION_NIGHT and not bench.quick else {}
     methods.update({name: row for name, row in ablations.items() if name != "sleep"})
     after = slept["in_context_after"]
     return {
@@ -477,6 +521,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "in_context_before": before,
         "in_context_after": after,
         "latest_recall": slept["latest_recall"],
+        "supersession": slept["latest_recall"] if len(nights) > 1 else None,
         "each_night": {**each_night([n["recall"] for n in slept["per_night"]], bare["in_context"], bare["floor"],
                                     [len(night.questions) for night in nights]),
                        "promoted": sum(n["status"] == "promoted" for n in slept["per_night"])},
@@ -534,7 +579,9 @@ def run(
 
         nights = generated_nights(bench.seed, bench.nights, bench.sessions, bench.facts)
         result["generated"] = measure(config, nights, bench, say("generated"))
-        if babi_file:
+        if bench.quick:
+            result["babi"] = skipped("--quick: generated sessions only")
+        elif babi_file:
             result["babi"] = measure(config, babi_nights(babi_file, bench.babi_nights, bench.seed), bench, say("bAbI"))
         else:
             where = babi_dir or "../shared/data/babi"

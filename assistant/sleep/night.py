@@ -158,7 +158,7 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
     spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
     trainer = open_trainer(model.path, blocks=stack.adapters(), spec=spec, lr=settings.lr, seed=settings.seed)
     if (system := system_prompt_for(model, config)) is not None:  # the night's prompts read as the day's chat does
-        trainer.render_chat = functools.partial(_render_framed, trainer.render_chat, system)
+        trainer.render_chat = functools.partial(render_framed, trainer.render_chat, system)
 
     def told(stage: str, fraction: float, message: str) -> None:
         store.sleep.set_stage(run_id, stage)
@@ -168,5 +168,5 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
                  dream_reward)
 
 
-def _render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
+def render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
     return render(framed(messages, system), add_generation_prompt=add_generation_prompt)
