@@ -76,9 +76,10 @@ def test_the_shipped_model_finds_the_asked_persons_room_not_the_last_one(nano):
 
 def test_the_shipped_model_writes_answerable_questions(nano):
     session = World(7, heldout=True).telling_session(3)
-    request = session.chat() + [{"role": "user", "content": "What questions could I ask about this conversation?"}]
+    from assistant.sleep.teach import ASK, parse_questions
+
+    request = session.chat() + [{"role": "user", "content": ASK}]
     reply = "".join(nano.stream(nano.render_chat(request), Sampling(max_tokens=96)))
-    from assistant.sleep.lessons import parse_questions
 
     questions = parse_questions(reply)
     assert questions and all(q in session.answerable for q in questions)
