@@ -243,7 +243,9 @@ def test_sampled_lists_add_their_questions_once():
     [written] = teach.write_questions(trainer, render_chat, contexts, 3, random.Random(0))
     assert written == ["What is my dog's name?", "Where do I live?"]
     samplings = [g.sampling for g in trainer.night.generated]
-    assert [s.temperature for s in samplings] == [0.0, 0.8, 0.8]
+    assert [s.temperature for s in samplings] == [0.0, 0.8, 0.8] * len(teach.REQUESTS)  # each wording
+    asked = [g.prompt for g in trainer.night.generated]
+    assert all(any(request in prompt for prompt in asked) for request in teach.REQUESTS)
     assert teach.write_questions(trainer, render_chat, [], 3, random.Random(0)) == []
 
 

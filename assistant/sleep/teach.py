@@ -3,9 +3,9 @@
 The teacher is the pre-sleep model with a window of the session in context (the user's turns,
 ``lessons.knowledge_context``: what the assistant replied may be wrong and is not knowledge). It is
 asked, as the user would ask, for questions about what it was told (besides those the user asked
-in the session): once greedily and
-``lists - 1`` times sampled, each a list a chat model writes in its own way (numbered, bulleted or
-plain lines: a line that ends in a question mark is a question). It answers each question with the
+in the session), in each of a few wordings (``REQUESTS``): once greedily and ``lists - 1`` times
+sampled, each a list a chat model writes in its own way (numbered, bulleted or plain lines: a line
+that ends in a question mark is a question). It answers each question with the
 window in context, greedily and to the end of its turn; an answer cut by the length limit is
 dropped, not taught half-said.
 
@@ -28,6 +28,9 @@ from assistant.sleep.lessons import knowledge_context, sentences, user_turn, win
 from backends.base import BlockTrainer, Sampling
 
 ASK = "What questions could I ask you about what I told you?"
+# Models answer requests differently: each window is asked both ways. On SmolLM2-135M the list request
+# reached 10 of 30 told facts and ASK 1; the bundled nano model answers ASK only (docs/decisions.md).
+REQUESTS = (ASK, "List 5 short questions about what I told you, one per line.")
 QUESTIONS = Sampling(max_tokens=128, temperature=0.0)
 ANSWER = Sampling(max_tokens=64, temperature=0.0)
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022>]+|\(?\d+[.):]|[A-Za-z][.)]|#+)?\s*(?:\*\*)?\s*")
@@ -70,16 +73,20 @@ def session_contexts(trainer: BlockTrainer, render: Render, messages: Sequence[d
 
 def write_questions(trainer: BlockTrainer, render: Render, contexts: Sequence[list[dict]], lists: int,
                     rng: random.Random) -> list[list[str]]:
-    """For each context, the questions the teacher writes about it (a greedy list, then sampled ones)."""
-    requests = [render(ctx + user_turn(ASK)) for ctx in contexts]
-    if not requests:
+    """For each context, the questions the teacher writes about it: ``lists`` lists for each of the
+    ``REQUESTS`` (a greedy one, then sampled ones)."""
+    if not contexts:
         return []
-    written = [[text] for text in trainer.generate(requests, QUESTIONS, new_block=False)]
-    if lists > 1:
-        sampling = replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31))
-        sampled = trainer.generate([r for r in requests for _ in range(lists - 1)], sampling, new_block=False)
-        for index, text in enumerate(sampled):
-            written[index // (lists - 1)].append(text)
+    written: list[list[str]] = [[] for _ in contexts]
+    for request in REQUESTS:
+        prompts = [render(ctx + user_turn(request)) for ctx in contexts]
+        for index, text in enumerate(trainer.generate(prompts, QUESTIONS, new_block=False)):
+            written[index].append(text)
+        if lists > 1:
+            sampling = replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31))
+            sampled = trainer.generate([p for p in prompts for _ in range(lists - 1)], sampling, new_block=False)
+            for index, text in enumerate(sampled):
+                written[index // (lists - 1)].append(text)
     return [list(dict.fromkeys(q for text in texts for q in parse_questions(text))) for texts in written]
 
 
