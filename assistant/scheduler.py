@@ -112,7 +112,10 @@ class SleepScheduler:
         on_event: Callable[[Any], None] | None = None,
         on_finish: Callable[[SleepOutcome], None] | None = None,
         check_every: float = CHECK_EVERY_SECONDS,
+        all_cores: bool = False,
     ) -> None:
+        """``all_cores``: the sleep may take every core (the daemon: no app is open to stay responsive)."""
+        self.all_cores = all_cores
         self.paths = paths
         self.config = config
         self.store = store
@@ -252,7 +255,8 @@ class SleepScheduler:
     def _drive(self, loop: asyncio.AbstractEventLoop) -> Any:
         from assistant.sleep import start_sleep
 
-        handle = self._handle = start_sleep(self.paths, self.config, log=self.paths.home / SLEEP_LOG)
+        handle = self._handle = start_sleep(self.paths, self.config, log=self.paths.home / SLEEP_LOG,
+                                            all_cores=self.all_cores)
         for event in handle.events():
             if self._on_event is not None:
                 _call_on_loop(loop, self._on_event, event)

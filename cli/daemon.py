@@ -39,6 +39,7 @@ async def _serve(paths: Paths, config: Config, say: Callable[[str], None]) -> No
             paths, config, store,
             on_start=lambda reason: say(f"sleeping: {reason}"),
             on_finish=lambda outcome: say(describe_outcome(outcome)),
+            all_cores=True,  # no app of this process to keep responsive
         )
         scheduler.start()
         say(f"somnus daemon: watching {paths.home} (sleep window {config.sleep_window}, "

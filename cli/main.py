@@ -225,6 +225,7 @@ def export(
 def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     """Where the data lives, which model and engine would answer, and what has been recorded."""
     from assistant.models import ModelError, resolve_model
+    from assistant.sleep import is_sleeping
 
     ws = workspace(ctx)
     try:
@@ -248,6 +249,9 @@ def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
             "unconsolidated_sessions": len(store.sleep.unconsolidated_sessions()),
             "last_sleep_run": store.sleep.last_run(),
         }
+        running = report["last_sleep_run"]
+        if running is not None and running["status"] == "running" and is_sleeping(ws.paths):
+            report["sleeping_now"] = f"stage {running['stage']} (run {running['id']}, started {running['started']})"
     if json_output:
         _print_json(report)
         return

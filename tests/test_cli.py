@@ -220,6 +220,21 @@ def test_status_reports_the_folder_the_model_and_the_records(recorded_home, tiny
     assert "sessions: 2" in out(somnus(recorded_home, "status"))
 
 
+def test_status_names_the_stage_of_a_night_that_is_running(recorded_home, tiny_model_dir):
+    from assistant.config import open_paths
+    from assistant.sleep import runner
+
+    paths = open_paths(recorded_home)
+    with Store(paths.database) as store:
+        run = store.sleep.start_run()
+        store.sleep.set_stage(run, "consolidate")
+    args = ("--model", str(tiny_model_dir), "--backend", "torch", "status", "--json")
+    assert "sleeping_now" not in as_json(somnus(recorded_home, *args))  # a run left by a killed sleep is not one
+    with runner.sleep_lock(paths):  # as the sleep process holds it
+        report = as_json(somnus(recorded_home, *args))
+    assert report["sleeping_now"].startswith(f"stage consolidate (run {run},")
+
+
 def test_the_home_flag_replaces_the_environment(tmp_path):
     flagged = tmp_path / "flagged"
     result = somnus(tmp_path / "ignored", "--home", str(flagged), "sessions", "--json")

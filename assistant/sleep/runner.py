@@ -100,11 +100,13 @@ class SleepHandle:
         self.process.wait()
 
 
-def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: Path | None = None) -> SleepHandle:
+def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: Path | None = None,
+                all_cores: bool = False) -> SleepHandle:
     """Start a sleep in its own process (refused at once if one runs already).
 
     ``log``: append the process's stderr (library warnings) to this file instead of the terminal,
-    where it would scribble over a full-screen app.
+    where it would scribble over a full-screen app. ``all_cores``: train on every core (no chat to
+    keep responsive); otherwise one core is left free.
     """
     if is_sleeping(paths):
         raise SleepBusy("a sleep is already running; wait for it to finish")
@@ -112,6 +114,8 @@ def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: 
                "--model", config.model, "--backend", config.backend]
     if steps:
         command += ["--steps", str(steps)]
+    if all_cores:
+        command.append("--all-cores")
     stderr = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log is not None else None
     try:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
@@ -133,13 +137,15 @@ def sleep_now(
     return handle.result()
 
 
-def _leave_a_core_for_chat() -> None:
-    """Train on all cores but one, so the chat (and the user's other programs) stay responsive."""
+def _use_cores(all_cores: bool) -> None:
+    """Train on the cores this process may run on, all but one unless ``all_cores``, so a chat (and
+    the user's other programs) stay responsive while the app is open."""
     try:
         import torch
     except ImportError:
         return
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    torch.set_num_threads(max(1, cores if all_cores else cores - 1))
 
 
 def _emit(**payload) -> None:
@@ -152,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model")
     parser.add_argument("--backend")
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--all-cores", action="store_true")
     args = parser.parse_args(argv)
     os.umask(0o077)
-    _leave_a_core_for_chat()
+    _use_cores(args.all_cores)
     from assistant.sleep.cycle import SleepSettings, sleep_cycle
     from assistant.store import open_store
     from backends.base import BackendError
