@@ -13,13 +13,11 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from assistant import adapters
 from assistant.config import Config, Paths
 from assistant.sleep import dreaming, gate, reference, supersede, teach as teaching
-from assistant.sleep.gate import Probe
-from assistant.sleep.lessons import user_turn
 from assistant.sleep.night import MIN_PROBES, Night, SleepReport, SleepSettings, open_night, said
 from assistant.sleep.seeding import Row, SeedingSettings, consolidate as train
 from assistant.store import Store
@@ -38,28 +36,20 @@ def teach(night: Night) -> None:
     if not lessons:
         night.report = night.nothing("the teacher found nothing in these sessions that the model does not already answer")
         return
-    taught, night.probes = teaching.hold_out(lessons, s.probe_share, night.rng)
-    asked = {lesson.question for lesson in lessons}
-    extra = night.stack.extra
-    earlier = [Probe(**p) for p in extra.get("taught", []) + extra.get("probes", [])]
-    earlier = [p for p in earlier if p.question not in asked and night.exists(p.session_id)]
+    night.lessons, night.probes = teaching.hold_out(lessons, s.probe_share, night.rng)
+    earlier = night.earlier_answers(asked={lesson.question for lesson in lessons})
     night.say("teach", 0.08, f"reading {len(earlier)} earlier answer(s) against tonight's sessions")
     then = {sid: said(night.store.messages(sid)) for sid in {p.session_id for p in earlier}}
     stale = supersede.superseded(night.trainer, night.render, earlier, then,
                                  [(sid, said(messages)) for sid, messages in tonight.items()], s.grounding)
     night.earlier = [p for p in earlier if p.question not in stale]
-    replayed = {p["question"] for p in extra.get("taught", [])}
-    night.lessons = taught
     # A small night has too few rephrasings to hold out: it is judged on what it was taught as well.
     held_out = len(night.probes) >= MIN_PROBES
-    night.asked = night.probes if held_out else night.probes + [lesson.probe() for lesson in taught]
-    night.training["judged_on"] = "held-out questions" if held_out else "taught and held-out questions"
-    night.rows = ([Row(night.render(list(l.context) + user_turn(l.question)), night.render(user_turn(l.question)),
-                       l.answer, question=l.question, session_id=l.session_id) for l in taught]
-                  + [Row(night.render(user_turn(p.question)), night.render(user_turn(p.question)), p.reference,
-                         kind="replay", question=p.question, session_id=p.session_id)
-                     for p in night.earlier if p.question in replayed])
-    night.training["superseded"] = len(stale)
+    night.asked = night.probes if held_out else night.probes + [lesson.probe() for lesson in night.lessons]
+    replayed = {p["question"] for p in night.stack.extra.get("taught", [])}
+    night.rows = teaching.rows(night.render, night.lessons, [p for p in night.earlier if p.question in replayed])
+    night.training.update(superseded=len(stale),
+                          judged_on="held-out questions" if held_out else "taught and held-out questions")
 
 
 def consolidate(night: Night) -> None:
@@ -103,13 +93,9 @@ def judge(night: Night) -> None:
                                      retention_tolerance=night.settings.retention_tolerance,
                                      reading_tolerance=night.settings.reading_tolerance), name, state))
     night.verdict, name, night.chosen = max(verdicts, key=lambda v: (v[0].promote, v[0].gain_lower))
-    night.training["checkpoints"] = [{"steps": int(n.split()[-1]) if n.startswith("step") else n, "chosen": n == name,
-                                      **{k: getattr(v, k) for k in ("promote", "gain", "gain_lower", "recall_after")}}
-                                     for v, n, _ in verdicts]
-    if "dreamt" in night.candidates:  # what the report says of dreaming: did the dreamt block win?
-        consolidated = max((v for v, n, _ in verdicts if n != "dreamt"), key=lambda v: (v.promote, v.gain_lower))
-        night.dreaming.update(chosen="dreamt" if name == "dreamt" else "consolidated",
-                              recall_dreamt=verdicts[-1][0].recall_after, recall_consolidated=consolidated.recall_after)
+    night.training["checkpoints"] = [gate.candidate_record(v, n, n == name) for v, n, _ in verdicts]
+    if "dreamt" in night.candidates:
+        night.dreaming.update(dreaming.outcome([(v, n) for v, n, _ in verdicts], name))
 
 
 def promote(night: Night) -> None:
@@ -120,25 +106,14 @@ def promote(night: Night) -> None:
     block = adapters.Block(block_id, adapters.block_dir(night.paths.home, block_id), tuple(night.sessions), night.run_id)
     night.trainer.save_new_block(block.path)
     version = ledger.next_version()
-    still, extra = {p.question for p in night.earlier}, night.stack.extra
-    grown = replace(night.stack.grown(block, version), extra={
-        "model": night.model.ref, "weights": night.model.weights, "verdict": verdict.record(),
-        "taught": [p for p in extra.get("taught", []) if p["question"] in still]
-        + [asdict(lesson.probe()) for lesson in night.lessons],
-        "probes": [p for p in extra.get("probes", []) if p["question"] in still] + [asdict(p) for p in night.probes],
-        "material": night.material,
-    })
-    manifest = adapters.save_stack(night.paths.home, grown)
+    manifest = adapters.save_stack(night.paths.home, replace(night.stack.grown(block, version), extra=night.manifest()))
     adapter_id = ledger.add_adapter(version, str(manifest), parent_version=night.stack.version or None,
                                     sleep_run_id=night.run_id, scores=verdict.record())
     if verdict.promote:
         ledger.promote(adapter_id, night.learnt())
     else:
         ledger.set_adapter_status(adapter_id, "rejected")
-    night.report = SleepReport("promoted" if verdict.promote else "rejected", version, night.sessions,
-                               verdict.recall_before, verdict.recall_after, verdict.retention, verdict.in_context_before,
-                               verdict.in_context_after, reason=verdict.reason, training=night.training,
-                               dreaming=night.dreaming)
+    night.report = night.judged(version)
 
 
 STAGES = (teach, consolidate, dream, judge, promote)
@@ -153,7 +128,8 @@ def sleep_cycle(paths: Paths, config: Config, store: Store, *, settings: SleepSe
     ledger.fail_interrupted_runs()
     run_id = ledger.start_run()
     try:
-        report = _run(paths, config, store, run_id, settings, progress, open_trainer, dream_reward)
+        night = open_night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward)
+        report = night if isinstance(night, SleepReport) else _stages(night)
     except BaseException as error:
         ledger.finish_run(run_id, "failed", error=str(error) or type(error).__name__)
         raise
@@ -163,10 +139,7 @@ def sleep_cycle(paths: Paths, config: Config, store: Store, *, settings: SleepSe
     return report
 
 
-def _run(paths, config, store, run_id, settings, progress, open_trainer, dream_reward) -> SleepReport:
-    night = open_night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward)
-    if isinstance(night, SleepReport):
-        return night
+def _stages(night: Night) -> SleepReport:
     try:
         for stage in STAGES:
             if night.report is None:

@@ -12,6 +12,7 @@ import random
 from dataclasses import replace
 
 from assistant.sleep import dreams, seeding, teach as teaching
+from assistant.sleep.gate import Verdict
 from assistant.sleep.night import Night
 
 DREAMS = dreams.DreamSettings()
@@ -45,3 +46,11 @@ def dream_night(night: Night) -> dict:
     if any(d.kept for d in log.dreams):
         night.candidates["dreamt"] = trainer.new_block_state()
     return log.summary()
+
+
+def outcome(verdicts: list[tuple[Verdict, str]], chosen: str) -> dict:
+    """What the report says of dreaming: whether the dreamt block won, and each side's recall."""
+    consolidated = max((v for v, name in verdicts if name != "dreamt"), key=lambda v: (v.promote, v.gain_lower))
+    dreamt = next(v for v, name in verdicts if name == "dreamt")
+    return {"chosen": "dreamt" if chosen == "dreamt" else "consolidated", "recall_dreamt": dreamt.recall_after,
+            "recall_consolidated": consolidated.recall_after}

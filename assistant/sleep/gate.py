@@ -149,6 +149,12 @@ def decide(before: Measurement, after: Measurement, probes: Sequence[Probe], old
                    len(probes))
 
 
+def candidate_record(verdict: Verdict, name: str, chosen: bool) -> dict:
+    """One judged candidate as the report keeps it ("step 120" is recorded as steps 120)."""
+    return {"steps": int(name.split()[-1]) if name.startswith("step ") else name, "chosen": chosen,
+            **{key: getattr(verdict, key) for key in ("promote", "gain", "gain_lower", "recall_after")}}
+
+
 def kept_training(training: dict) -> str | None:
     """How much of the night's consolidation went forward, for reports: "240 of 360 steps" (None
     when the report predates checkpoints)."""

@@ -117,6 +117,29 @@ class Night:
     def say(self, stage: str, fraction: float, message: str) -> None:
         self.progress(stage, fraction, f"{message} ({max(0, self.left()) / 60:.1f} min left)")
 
+    def earlier_answers(self, asked: set[str]) -> list[Probe]:
+        """Earlier nights' answers (taught and held out) that tonight does not ask again and whose
+        session is still stored: a deleted session's answers are neither replayed nor probed."""
+        extra = self.stack.extra
+        earlier = [Probe(**p) for p in extra.get("taught", []) + extra.get("probes", [])]
+        return [p for p in earlier if p.question not in asked and self.exists(p.session_id)]
+
+    def manifest(self) -> dict:
+        """What the grown stack's manifest keeps for later nights: the answers still true (taught and
+        held out), the verdict, and the bare model's material answers."""
+        still, extra = {p.question for p in self.earlier}, self.stack.extra
+        return {"model": self.model.ref, "weights": self.model.weights, "verdict": self.verdict.record(),
+                "taught": [p for p in extra.get("taught", []) if p["question"] in still]
+                + [asdict(lesson.probe()) for lesson in self.lessons],
+                "probes": [p for p in extra.get("probes", []) if p["question"] in still] + [asdict(p) for p in self.probes],
+                "material": self.material}
+
+    def judged(self, version: int) -> SleepReport:
+        v = self.verdict
+        return SleepReport("promoted" if v.promote else "rejected", version, self.sessions, v.recall_before,
+                           v.recall_after, v.retention, v.in_context_before, v.in_context_after, reason=v.reason,
+                           training=self.training, dreaming=self.dreaming)
+
     def learnt(self) -> dict[int, int]:
         """What a live adapter records as consolidated: each session up to its last message."""
         return {row["session_id"]: row["last_message_id"] for row in self.pending}

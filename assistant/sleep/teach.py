@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 from assistant.sleep.gate import Probe, logprob
 from assistant.sleep.lessons import knowledge_context, sentences, user_turn, windows
+from assistant.sleep.seeding import Row
 from backends.base import BlockTrainer, Sampling
 
 ASK = "What questions could I ask you about what I told you?"
@@ -114,6 +115,15 @@ def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[i
              for q in dict.fromkeys(_asked_by_user(ctx) + qs)]
     newest = {lesson.question: lesson for lesson in answer(trainer, render, asked, grounding)}
     return list(newest.values())
+
+
+def rows(render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
+    """The consolidation's rows: each taught question (teacher: the window in context; student: the
+    question alone), and each earlier answer replayed (teacher and student alike: the live stack)."""
+    return ([Row(render(list(l.context) + user_turn(l.question)), render(user_turn(l.question)), l.answer,
+                 question=l.question, session_id=l.session_id) for l in taught]
+            + [Row(render(user_turn(p.question)), render(user_turn(p.question)), p.reference, kind="replay",
+                   question=p.question, session_id=p.session_id) for p in replayed])
 
 
 def _asked_by_user(context: list[dict]) -> list[str]:
