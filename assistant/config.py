@@ -84,6 +84,7 @@ class Config:
     idle_minutes: int = 30
     sleep_window: str = "01:00-06:00"
     sleep_after_sessions: int = 10  # this many sessions not yet slept on: sleep at any hour once idle
+    sleep_minutes: float = 15.0  # a night's time budget, teaching to promotion
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" sends none
 
     def with_overrides(self, **overrides: object) -> Config:
@@ -188,6 +189,7 @@ SETTING_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "sleep_window": (lambda value: isinstance(value, str) and bool(_SLEEP_WINDOW.match(value)),
                      'must look like "01:00-06:00"'),
     "sleep_after_sessions": (_is_positive_integer, "must be a positive integer"),
+    "sleep_minutes": (lambda value: _is_number(value) and 1 <= value <= 24 * 60, "must be a number of minutes from 1 to 1440"),
     "system_prompt": (lambda value: isinstance(value, str) and len(value) <= 4000,
                       'must be a string of at most 4000 characters ("" sends none)'),
 }

@@ -54,6 +54,7 @@ def test_defaults_need_no_file(somnus_home):
     assert config == Config()
     assert (config.model, config.backend, config.temperature) == ("smollm2", "auto", 0.0)
     assert (config.idle_minutes, config.sleep_window, config.sleep_after_sessions) == (30, "01:00-06:00", 10)
+    assert config.sleep_minutes == 15.0
     assert not (somnus_home / "config.toml").exists()
 
 
@@ -112,6 +113,8 @@ def test_unknown_keys_are_named(somnus_home):
         'sleep_window = "night"',
         "sleep_after_sessions = 0",
         'sleep_after_sessions = "ten"',
+        "sleep_minutes = 0",
+        'sleep_minutes = "all night"',
         'model = ""',
         "model = 3",
     ],

@@ -16,7 +16,7 @@ from assistant.sleep.gate import Readings, logprob
 from assistant.sleep.material import Material
 from backends.base import BlockTrainer, Sampling
 
-ANSWER = Sampling(max_tokens=48, temperature=0.0)
+ANSWER = Sampling(max_tokens=32, temperature=0.0)  # a path to anchor on, not a whole reply
 
 
 def bare_answers(trainer: BlockTrainer, render: Callable[[list[dict]], str], material: Material,

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except SleepBusy as error:
         _emit(event="error", message=str(error))
         return BUSY_EXIT
-    settings = SleepSettings()
+    settings = SleepSettings(budget_minutes=config.sleep_minutes)
     if args.steps:
         settings = replace(settings, max_steps=args.steps)
     try:
