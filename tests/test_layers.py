@@ -3,8 +3,9 @@
 tui/ shows and asks; assistant/ holds the domain; backends/ hides each engine; cli/ (the entry
 points) is the one place that wires them. So: assistant/ imports neither tui/ nor cli/; backends/
 imports nothing of ours; tui/ never imports backends/ nor the sleep's stages (only the
-``assistant.sleep`` package's public names); nothing imports cli/; and no two modules of
-assistant/ import each other, however indirectly.
+``assistant.sleep`` package's public names); the sleep imports no model's own package
+(assistant/nano/); nothing imports cli/; and no two modules of assistant/ import each other,
+however indirectly.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def test_the_app_uses_the_sleep_through_its_public_names_only():
     reaching_in = sorted(f"{name} -> {target}" for name, targets in GRAPH.items() if layer(name) == "tui"
                          for target in targets if target.startswith("assistant.sleep."))
     assert reaching_in == []
+
+
+def test_the_sleep_knows_no_model_in_particular():
+    """The night is one recipe for every model: what a model brings of its own (nano's material)
+    reaches it through ``assistant.models``, never by the sleep importing that model's package."""
+    reaching = sorted(f"{name} -> {target}" for name, targets in GRAPH.items() if name.startswith("assistant.sleep")
+                      for target in targets if target.startswith("assistant.nano"))
+    assert reaching == []
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
