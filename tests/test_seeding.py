@@ -37,6 +37,21 @@ def test_consolidation_hands_over_each_checkpoint_and_ends_on_the_last(tiny_mode
     trainer.close()
 
 
+def test_a_deadline_ends_training_early_and_its_last_step_is_a_checkpoint(tiny_model_dir):
+    import time
+
+    trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu")
+    prompt = trainer.render_chat([{"role": "user", "content": "Where do I live?"}])
+    rows = [Row(prompt, prompt, "You live in Quito.", question="Where do I live?")]
+    states, totals = [], []
+    log = seeding.consolidate(trainer, rows, SeedingSettings(steps=50, checkpoints=3, lti_every=0, batch_size=2),
+                              deadline=time.monotonic(), checkpoint=states.append,
+                              progress=lambda step, total: totals.append(total))
+    trainer.close()
+    assert len(log.losses) == 1 and states == [1]  # the time was up: one step, and it is the night's block
+    assert totals == [1]  # the progress bar's total follows the time left, not the steps allowed
+
+
 def test_a_night_trains_at_least_one_step(tiny_model_dir):
     trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu")
     with pytest.raises(ValueError, match="at least one step"):

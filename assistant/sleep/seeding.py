@@ -130,10 +130,11 @@ def consolidate(
     deadline: float | None = None,
 ) -> SeedingLog:
     """Train the new block for ``settings.steps`` steps, or fewer to end by ``deadline`` (a
-    ``time.monotonic()`` value; the plan is made from the first steps' pace); returns the curve.
+    ``time.monotonic()`` value); returns the curve.
 
-    ``checkpoint(step)`` is called at evenly spaced steps, the last one always included (the
-    caller keeps the block's state there), so the gate can choose how far training should go."""
+    ``checkpoint(step)`` is called ``settings.checkpoints`` times, evenly spaced over the steps or
+    the time, whichever runs out first, the last step always included (the caller keeps the
+    block's state there), so the gate can choose how far training should go."""
     if settings.steps < 1:
         raise ValueError(f"a night trains at least one step, got {settings.steps}")
     rng = random.Random(settings.seed)
@@ -143,16 +144,15 @@ def consolidate(
     if not pools["new"]:
         raise ValueError("nothing to consolidate: no prompts about tonight's sessions")
     log = SeedingLog()
-    planned, pace_steps, started = settings.steps, 3, time.monotonic()
-    marks = set(checkpoint_steps(planned, settings.checkpoints))
+    started, kept, last = time.monotonic(), 0, 0
     reward = reward_fn or imitation(settings.gamma, settings.threshold)
-    step = 0
+
+    def done() -> float:  # the share of the training behind us, by steps or by time
+        by_time = (time.monotonic() - started) / max(deadline - started, 1e-9) if deadline is not None else 0.0
+        return max(len(log.losses) / settings.steps, by_time)
+
     for step in range(settings.steps):
-        if deadline is not None and step == pace_steps:
-            pace = (time.monotonic() - started) / pace_steps
-            planned = max(pace_steps, min(settings.steps, pace_steps + int((deadline - time.monotonic()) / pace)))
-            marks = set(checkpoint_steps(planned, settings.checkpoints))
-        if step >= planned or (deadline is not None and step and time.monotonic() > deadline):
+        if step and done() >= 1.0:
             break
         batch = _batch(pools, settings, rng)
         group = None
@@ -160,17 +160,31 @@ def consolidate(
             group = _lti_group(trainer, rng.choice(pools["new"]), settings, rng, marker, reward)
             log.lti_rewards.append(sum(group.rewards) / len(group.rewards))
         log.losses.append(seeding_step(trainer, batch, group, settings, rng, marker))
-        if step + 1 in marks:
+        if kept < settings.checkpoints - 1 and _due(done(), kept, settings):
+            kept, last = kept + 1, step + 1
             checkpoint(step + 1)
-        progress(step + 1, planned)
-    if len(log.losses) not in marks:
+        progress(step + 1, max(step + 1, min(settings.steps, round((step + 1) / max(done(), 1e-9)))))
+    if last != len(log.losses):
         checkpoint(len(log.losses))
     return log
 
 
+def _due(done: float, kept: int, settings: SeedingSettings) -> bool:
+    """Whether the next checkpoint is due: its share of the training reached, to the nearest step."""
+    return done + 0.5 / settings.steps >= (kept + 1) / settings.checkpoints
+
+
 def checkpoint_steps(steps: int, count: int) -> list[int]:
-    """``count`` evenly spaced steps ending at ``steps`` (fewer when there are fewer steps)."""
-    return sorted({max(1, round(steps * k / count)) for k in range(1, count + 1)}) if steps > 0 and count > 0 else []
+    """The steps ``consolidate`` checkpoints when no deadline cuts it short: ``count`` evenly
+    spaced, ending at ``steps`` (fewer when there are fewer steps)."""
+    if steps < 1 or count < 1:
+        return []
+    settings, kept, marks = SeedingSettings(steps=steps, checkpoints=count), 0, []
+    for step in range(1, steps):
+        if kept < count - 1 and _due(step / steps, kept, settings):
+            kept += 1
+            marks.append(step)
+    return marks + [steps]
 
 
 def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.Random) -> list[Row]:
