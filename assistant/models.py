@@ -179,7 +179,7 @@ def import_model(source: Path, paths: Paths, name: str | None = None, progress: 
             raise ModelError(str(error)) from None
         mark = {"source": str(source.resolve()), "name": name}
         (staging / IMPORTED_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
-        _make_private(staging)
+        make_private(staging)
         try:
             os.replace(staging, target)  # the model appears whole or not at all
         except OSError as error:  # another import of the same name finished first
@@ -228,7 +228,7 @@ def pull_model(repo_id: str, paths: Paths) -> Model:
                          "(or it is private: log in with `hf auth login`)") from error
     except (HfHubHTTPError, OSError) as error:
         raise ModelError(f"cannot download {repo_id}: {_first_line(error)}") from error
-    _make_private(target)
+    make_private(target)
     _check_hf_folder(target)
     return Model(repo_id, "hub", target)
 
@@ -259,7 +259,7 @@ def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Pa
     source = model.path.resolve()
     slug = re.sub(r"[^\w.-]", "_", source.name) + "-" + hashlib.sha256(str(source).encode()).hexdigest()[:8]
     folder = ensure_private_dir(paths.cache / "gguf")
-    dtype = "f16" if model.kind == "imported" else "f32"
+    dtype = gguf_dtype(model)
     export = folder / f"{slug}-{_fingerprint(source)}-{dtype}.gguf"
     if export.is_file():
         return export
@@ -272,6 +272,12 @@ def gguf_for(model: Model, paths: Paths, progress: Progress | None = None) -> Pa
         if stale != export:
             stale.unlink()
     return export
+
+
+def gguf_dtype(model: Model) -> str:
+    """The precision of ``model``'s GGUF for llama.cpp: f16 for an imported model (its source was no
+    finer), f32 for the others (the same numbers torch computes)."""
+    return "f16" if model.kind == "imported" else "f32"
 
 
 def system_prompt_for(model: Model | Path, config: Config) -> str | None:
@@ -334,7 +340,8 @@ def _check_hf_folder(folder: Path) -> None:
         raise ModelError(f"{folder} has no .safetensors weights")
 
 
-def _make_private(folder: Path) -> None:
+def make_private(folder: Path) -> None:
+    """Make ``folder`` and everything in it the user's only: folders 0700, files 0600."""
     for directory, _subfolders, files in os.walk(folder):
         os.chmod(directory, PRIVATE_DIR_MODE)
         for name in files:

@@ -153,6 +153,28 @@ def export_lora(peft_dir: Path, out_path: Path, *, arch: str, n_head: int, n_hea
     return out_path
 
 
+def export_lora_for_model(peft_dir: Path, hf_dir: Path, out_path: Path) -> Path:
+    """``export_lora`` for a LoRA of the model in ``hf_dir``: its architecture and head counts from its config."""
+    hf_dir = Path(hf_dir)
+    config = read_model_config(hf_dir)
+    family = _family_of(config, hf_dir / "config.json")
+    hparams = _Hparams(config, hf_dir / "config.json", family)
+    return export_lora(peft_dir, out_path, arch=family.name, n_head=hparams.n_head, n_head_kv=hparams.n_head_kv)
+
+
+def check_exportable(hf_dir: Path) -> None:
+    """Raise BackendError, naming the architecture, unless the model in ``hf_dir`` can go to llama.cpp."""
+    hf_dir = Path(hf_dir)
+    config = _read_json(hf_dir / "config.json")
+    _Hparams(config, hf_dir / "config.json", _family_of(config, hf_dir / "config.json"))
+
+
+def chat_template_of(hf_dir: Path) -> str | None:
+    """The model's Jinja chat template, as the GGUF export writes it (None: it has none)."""
+    path = Path(hf_dir) / "tokenizer_config.json"
+    return _chat_template(Path(hf_dir), _read_json(path) if path.is_file() else {})
+
+
 def _family_of(config: dict, path: Path) -> _Family:
     """The family named by config.json's ``architectures`` (or, lacking it, its ``model_type``)."""
     architectures = config.get("architectures") or []

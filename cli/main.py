@@ -45,7 +45,10 @@ app = typer.Typer(help="Somnus: a local assistant that learns while you sleep.",
 model_app = typer.Typer(help="List, download and choose models.", no_args_is_help=True)
 bench_app = typer.Typer(help="Measure models and engines on this machine.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+adapters_app = typer.Typer(
+    help="Adapter versions (sessions, scores, which is live); `export` writes the live one for other tools.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(adapters_app, name="adapters")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 SessionOption = Annotated[Optional[int], typer.Option("--session", help="Continue this session instead of a new one.")]
@@ -411,9 +414,11 @@ def dreams(
     ])
 
 
-@app.command()
+@adapters_app.callback(invoke_without_command=True)
 def adapters(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     """Adapter versions: which sessions each consolidated, its scores, which one is live."""
+    if ctx.invoked_subcommand is not None:
+        return
     ws = workspace(ctx)
     with _open_store(ws) as store:
         rows = store.sleep.adapters()
@@ -428,6 +433,30 @@ def adapters(ctx: typer.Context, json_output: JsonFlag = False) -> None:
          _score(r, "recall_before", "recall_after"), _score(r, "retention"), _short_time(r["created"])]
         for r in rows
     ])
+
+
+@adapters_app.command("export")
+def adapters_export(
+    ctx: typer.Context,
+    format_: Annotated[Literal["peft", "gguf", "ollama", "mlx"], typer.Argument(
+        metavar="FORMAT", help="peft, gguf (llama.cpp), ollama (a Modelfile) or mlx (mlx-lm).")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A new (or empty) folder to write.")],
+    merged: Annotated[bool, typer.Option("--merged", help="The base model with the adapter folded in "
+                                                          "(a model folder, or a GGUF for gguf and ollama).")] = False,
+) -> None:
+    """Export the live adapter stack as one exact LoRA (or, --merged, a model) for other tools."""
+    from assistant.adapter_export import export_live
+
+    ws = workspace(ctx)
+    with _open_store(ws) as store:
+        exported = export_live(store, ws.paths, ws.config, format_, directory, merged=merged)
+    what = "the model with the adapter merged in" if merged else f"one LoRA of rank {exported.rank}"
+    print(f"wrote {what} (adapter version {exported.version}, {exported.blocks} block(s)) as {exported.format} "
+          f"to {exported.folder}: {', '.join(exported.files)}")
+    for note in exported.notes:
+        print(f"note: {note}")
+    if exported.format == "ollama":
+        print(f"use it with: ollama create NAME -f {exported.folder / 'Modelfile'}")
 
 
 def _score(row: dict, *keys: str) -> str:

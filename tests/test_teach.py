@@ -254,3 +254,34 @@ def test_nothing_new_in_a_session_is_no_lesson():
     assert _lessons(trainer, [(1, _user("Hello there."))]) == []
     assert _lessons(trainer, [(1, [])]) == []
 
+
+
+# -- rephrased -----------------------------------------------------------------------------------------
+
+def _rephrasing(mapping):
+    """A fake teacher that, asked to rephrase a question, answers with ``mapping``'s rephrasing."""
+    def respond(turns, new_block):
+        asked = turns[-1]["content"]
+        for question, other in mapping.items():
+            if asked == teach.REPHRASE.format(question):
+                return other
+        return None
+    return respond
+
+
+def test_a_lone_lesson_is_probed_in_the_teachers_rephrasing_when_the_session_grounds_its_answer():
+    trainer = FakeTrainer([DOG, CAT], respond=_rephrasing({"What is my dog called?": "1. What is my dog's name?",
+                                                           "What is my cat called?": "What is my cat called?"}))
+    [dog, cat] = teach.answer(trainer, render_chat, _asked(1, DOG.said + " " + CAT.said, "What is my dog called?",
+                                                           "What is my cat called?"), GROUNDING)
+    probes = teach.rephrased(trainer, render_chat, [dog, cat], [], GROUNDING)
+    # the cat's "rephrasing" is the question itself: no probe of words the night trains on
+    assert probes == [Probe("What is my dog's name?", DOG.answer, 1, probes[0].taught)]
+    assert probes[0].taught > -1.0  # the teacher is sure of the same answer to the rephrasing
+    assert teach.rephrased(trainer, render_chat, [dog], [dog.probe()], GROUNDING) == []  # already probed
+
+
+def test_a_rephrasing_whose_answer_the_session_does_not_ground_is_no_probe():
+    trainer = FakeTrainer([DOG], respond=_rephrasing({"What is my dog called?": "What is my cat called?"}))
+    [dog] = teach.answer(trainer, render_chat, _asked(1, DOG.said, "What is my dog called?"), GROUNDING)
+    assert teach.rephrased(trainer, render_chat, [dog], [], GROUNDING) == []

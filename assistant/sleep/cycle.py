@@ -36,7 +36,8 @@ def teach(night: Night) -> None:
     if not lessons:
         night.report = night.nothing("the teacher found nothing in these sessions that the model does not already answer")
         return
-    night.lessons, night.probes = teaching.hold_out(lessons, s.probe_share, night.rng)
+    night.lessons, held = teaching.hold_out(lessons, s.probe_share, night.rng)
+    night.probes = held + teaching.rephrased(night.trainer, night.render, night.lessons, held, s.grounding)
     earlier = night.earlier_answers(asked={lesson.question for lesson in lessons})
     night.say("teach", 0.08, f"reading {len(earlier)} earlier answer(s) against tonight's sessions")
     then = {sid: said(night.store.messages(sid)) for sid in {p.session_id for p in earlier}}
@@ -46,8 +47,7 @@ def teach(night: Night) -> None:
     # A small night has too few rephrasings to hold out: it is judged on what it was taught as well.
     held_out = len(night.probes) >= MIN_PROBES
     night.asked = night.probes if held_out else night.probes + [lesson.probe() for lesson in night.lessons]
-    replayed = {p["question"] for p in night.stack.extra.get("taught", [])}
-    night.rows = teaching.rows(night.render, night.lessons, [p for p in night.earlier if p.question in replayed])
+    night.rows = teaching.rows(night.render, night.lessons, night.replayed())
     night.training.update(superseded=len(stale),
                           judged_on="held-out questions" if held_out else "taught and held-out questions")
 

@@ -140,6 +140,12 @@ class Night:
                            v.recall_after, v.retention, v.in_context_before, v.in_context_after, reason=v.reason,
                            training=self.training, dreaming=self.dreaming)
 
+    def replayed(self) -> list[Probe]:
+        """The earlier answers replayed tonight: those taught on earlier nights and still true
+        (earlier probes are never trained on, so they can still tell what fades)."""
+        taught = {p["question"] for p in self.stack.extra.get("taught", [])}
+        return [p for p in self.earlier if p.question in taught]
+
     def learnt(self) -> dict[int, int]:
         """What a live adapter records as consolidated: each session up to its last message."""
         return {row["session_id"]: row["last_message_id"] for row in self.pending}

@@ -117,6 +117,29 @@ def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[i
     return list(newest.values())
 
 
+REPHRASE = 'Ask this question in other words, as one question: "{}"'
+
+
+def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], probes: Sequence[Probe],
+              grounding: float) -> list[Probe]:
+    """Probes for the taught ``lessons`` whose answer no held-out question (``probes``) asks: the
+    teacher, the window in context, puts each question in other words; a rephrasing counts when the
+    window grounds the same answer for it (``grounding`` nats), and it is asked with that answer."""
+    probed = {(p.session_id, p.reference) for p in probes}
+    lessons = [lesson for lesson in lessons if (lesson.session_id, lesson.answer) not in probed]
+    if not lessons:
+        return []
+    asked = [render(list(l.context) + user_turn(REPHRASE.format(l.question))) for l in lessons]
+    written = [next(iter(parse_questions(text)), "") for text in trainer.generate(asked, QUESTIONS, new_block=False)]
+    found = [(l, q) for l, q in zip(lessons, written) if q and q.lower() != l.question.lower()]
+    if not found:
+        return []
+    prompts = [render(list(l.context) + user_turn(q)) for l, q in found]
+    taught = logprob(trainer, prompts, [l.answer for l, _ in found], new_block=False)
+    alone = logprob(trainer, [render(user_turn(q)) for _, q in found], [l.answer for l, _ in found], new_block=False)
+    return [Probe(q, l.answer, l.session_id, t) for (l, q), t, a in zip(found, taught, alone) if t - a >= grounding]
+
+
 def rows(render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
     """The consolidation's rows: each taught question (teacher: the window in context; student: the
     question alone), and each earlier answer replayed (teacher and student alike: the live stack)."""
