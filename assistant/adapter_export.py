@@ -171,6 +171,8 @@ def _ollama(folder: Path, layers, model: Model, paths: Paths, config: Config, me
         lines.append(f'PARAMETER stop "{stop}"')
     system = system_prompt_for(model, config)
     if system is not None:
+        if '"""' in system:
+            raise ExportError('the system prompt holds """, which a Modelfile cannot quote: change it in config.toml')
         lines.append(f'SYSTEM """{system}"""')
     (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return notes

@@ -110,7 +110,7 @@ def write_merged(hf_dir: Path, layers: Sequence[LoraBlock], folder: Path, skip: 
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata()
                 tensors = {}
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     tensor = handle.get_tensor(key)
                     layer = deltas.pop(key, None)
                     if layer is not None:
@@ -123,7 +123,7 @@ def write_merged(hf_dir: Path, layers: Sequence[LoraBlock], folder: Path, skip: 
             raise BackendError(f"{path}: corrupt safetensors file ({error})") from None
         save_file(tensors, str(folder / path.name), metadata=metadata or {"format": "pt"})
     if deltas:
-        raise BackendError(f"{hf_dir}: the model has no weight {sorted(deltas)[0]} for the LoRA")
+        raise BackendError(f"{hf_dir}: the model has no weight {min(deltas)} for the LoRA")
     for path in hf_dir.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and not path.name.startswith(".") and path.name not in skip:
             shutil.copyfile(path, folder / path.name)
