@@ -77,7 +77,7 @@ def test_measures():
     assert bench.consolidation_ratio(0.5, 0.3, 0.3) is None
     assert bench.retention([True, True, False], [True, False, False], kept=[0, 1]) == 0.5
     assert bench.retention([False, True], [True, True], kept=[0]) is None  # nothing recalled after night 1
-    night = lambda *slots: bench.Night([[]], [bench.Question("q", v, s, 0) for s, v in slots])  # noqa: E731
+    night = lambda *slots: bench.Night([[]], [bench.Question("q", v, s, 0) for s, v in slots])
     nights = [night(("a", "1"), ("b", "2")), night(("b", "3"))]
     assert bench.unsuperseded(nights) == [0]
     assert {(q.slot, q.value) for q in bench.latest_questions(nights)} == {("a", "1"), ("b", "3")}

@@ -15,7 +15,15 @@ from assistant.sleep.gate import Readings
 from assistant.sleep.lessons import user_turn
 from assistant.sleep.material import EVERYDAY, PACKAGED, READINGS
 from backends.base import Adapter
-from tests.fakes import UNKNOWN, Fact, FakeCrash, FakeTrainer, encode, make_model_folder, render_chat
+from tests.fakes import (
+    UNKNOWN,
+    Fact,
+    FakeCrash,
+    FakeTrainer,
+    encode,
+    make_model_folder,
+    render_chat,
+)
 
 # -- the packaged material ---------------------------------------------------------------------------
 

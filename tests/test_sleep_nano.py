@@ -4,18 +4,16 @@ and the gate refuses an adapter that does harm."""
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 
+from assistant import adapters
 from assistant.config import load_config, open_paths
 from assistant.engine import open_chat_backend
 from assistant.models import NANO_DIR
 from assistant.nano import evaluate
-from assistant import adapters
 from assistant.nano.material import NanoMaterial
 from assistant.sleep import gate, losses, reference, rewards
 from assistant.sleep.cycle import SleepSettings, sleep_cycle

@@ -42,9 +42,9 @@ from assistant.config import Config, Paths, load_config, open_paths
 from assistant.models import resolve_model
 from assistant.sleep import cycle, dreaming
 from assistant.sleep.cycle import SleepReport, SleepSettings, sleep_cycle
-from assistant.sleep.night import MLP
 from assistant.sleep.gate import Probe, kept_training
 from assistant.sleep.material import EVERYDAY, READINGS
+from assistant.sleep.night import MLP
 from assistant.sleep.seeding import SeedingSettings
 from assistant.sleep.teach import ASK
 from assistant.store import Store, open_store

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from assistant.sleep import supersede
 from assistant.sleep.gate import Probe
 from tests.fakes import Fact, FakeTrainer, render_chat

@@ -17,9 +17,18 @@ from dataclasses import replace
 
 from assistant import adapters
 from assistant.config import Config, Paths
-from assistant.sleep import dreaming, gate, reference, supersede, teach as teaching
-from assistant.sleep.night import MIN_PROBES, Night, SleepReport, SleepSettings, open_night, said
-from assistant.sleep.seeding import Row, SeedingSettings, consolidate as train
+from assistant.sleep import dreaming, gate, reference, supersede
+from assistant.sleep import teach as teaching
+from assistant.sleep.night import (
+    MIN_PROBES,
+    Night,
+    SleepReport,
+    SleepSettings,
+    open_night,
+    said,
+)
+from assistant.sleep.seeding import Row, SeedingSettings
+from assistant.sleep.seeding import consolidate as train
 from assistant.store import Store
 from backends.base import BlockTrainer
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from assistant.sleep import dreams, seeding, teach as teaching
+from assistant.sleep import dreams, seeding
+from assistant.sleep import teach as teaching
 from assistant.sleep.gate import Verdict
 from assistant.sleep.night import Night
 

@@ -11,10 +11,16 @@ from dataclasses import asdict, dataclass, field
 from assistant import adapters
 from assistant.adapters import Stack
 from assistant.config import Config, Paths, SomnusError
-from assistant.models import Model, local_model, material_for, require_trainable, system_prompt_for
+from assistant.models import (
+    Model,
+    local_model,
+    material_for,
+    require_trainable,
+    system_prompt_for,
+)
 from assistant.persona import framed
-from assistant.sleep.material import Material
 from assistant.sleep.gate import Measurement, Probe, Readings, Verdict
+from assistant.sleep.material import Material
 from assistant.sleep.seeding import Row
 from assistant.sleep.teach import Lesson
 from assistant.store import Store
@@ -182,7 +188,8 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
         progress("teach", 0.0, "the live adapter was grown on another model: starting a new stack")
         stack = adapters.empty_stack()  # the old one stays on disk for the model it was grown on
     if open_trainer is None:
-        from backends.select import choose_engines, open_trainer as open_engine
+        from backends.select import choose_engines
+        from backends.select import open_trainer as open_engine
         open_trainer = functools.partial(open_engine, choose_engines(config.backend)[1])
     spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
     trainer = open_trainer(model.path, blocks=stack.adapters(), spec=spec, lr=settings.lr, seed=settings.seed)

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from assistant.sleep import losses, rewards
 from backends.base import BlockTrainer, Sampling
 
-
 Reward = Callable[[str, str, float], float]  # (candidate, reference, teacher's judgement) -> reward
 
 
