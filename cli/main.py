@@ -363,6 +363,7 @@ def _print_sleep_report(report) -> None:
             ["adapter version", report.adapter],
             ["sessions", ", ".join(map(str, report.sessions))],
             ["recall before -> after", f"{percent(report.recall_before)} -> {percent(report.recall_after)}"],
+            *([["judged on", judged]] if (judged := report.training.get("judged_on")) else []),
             ["retention of older nights", percent(report.retention)],
             ["in-context before -> after", f"{percent(report.in_context_before)} -> {percent(report.in_context_after)}"],
             *([["consolidation kept", kept]] if (kept := kept_training(report.training)) else []),

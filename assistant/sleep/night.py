@@ -38,7 +38,7 @@ class SleepSettings:
 
     budget_minutes: float = 15.0  # the whole night, teaching to promotion: a night must end before the user is back
     rank: int = 16  # of each night's LoRA block: room for a day of facts, little for anything else
-    lr: float = 1e-3  # Adam on the new block only; zero-init B keeps the first step harmless
+    lr: float = 3e-4  # Adam on the new block only (LoRA on a pretrained model); zero-init B keeps the first step harmless
     max_steps: int = 400  # training stops here or at the budget, whichever comes first
     batch_size: int = 8  # rows per step, tonight's and replayed and anchors together
     question_lists: int = 3  # lists of questions the teacher writes per window (one greedy, the rest sampled)
