@@ -178,6 +178,7 @@ def said(messages) -> str:
 def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings: SleepSettings, progress: Progress,
                open_trainer: Callable[..., BlockTrainer] | None, dream_reward) -> Night | SleepReport:
     """The night's sessions, model, live stack and trainer (a report instead when there is nothing to do)."""
+    progress("select", 0.0, "looking for sessions to consolidate")
     pending = store.sleep.unconsolidated_sessions()
     if not pending:
         return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
