@@ -156,6 +156,13 @@ def test_a_mean_gain_within_its_noise_is_refused():
     assert not _decide(BEFORE).promote  # nothing learnt
 
 
+def test_answers_that_only_grow_likelier_without_being_recalled_are_refused():
+    nudged = tuple(score + 5.0 + 0.1 * i for i, score in enumerate(BEFORE.new))  # surely likelier, still far off
+    verdict = _decide(Measurement(nudged, BEFORE.old, BEFORE.reading))
+    assert verdict.gain_lower > 0 and verdict.recall_after == verdict.recall_before
+    assert not verdict.promote and verdict.reason.startswith("no more questions recalled")
+
+
 def test_too_few_probes_are_refused_whatever_they_gain():
     for probes, new_before, new_after in (([], (), ()), (PROBES[:1], (-20.0,), (0.0,))):
         verdict = _decide(Measurement(new_after, BEFORE.old, BEFORE.reading),

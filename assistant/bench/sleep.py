@@ -91,6 +91,11 @@ class BenchSettings:
     in_context_sessions: int = 40  # fresh generated sessions for the in-context drop
     quick: bool = False  # one night, the four methods a user weighs (in context, floor, sleep, fine-tune)
 
+    @property
+    def fresh_sessions(self) -> int:
+        """Fresh sessions read for the in-context drop (a third of them in a quick run)."""
+        return self.in_context_sessions // 3 if self.quick else self.in_context_sessions
+
     def sleep_settings(self) -> SleepSettings:
         return SleepSettings(seed=self.seed, max_steps=self.steps, budget_minutes=self.budget_minutes)
 
@@ -495,7 +500,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "floor": isolated(reading, config, nights[0], in_context=False, say=say),
     }
     methods["retrieval"] = isolated(retrieval, config, nights[0], say=say)
-    fresh = (bench.in_context_sessions, bench.seed + 1)
+    fresh = (bench.fresh_sessions, bench.seed + 1)
     before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
     bare = isolated(nightly_readings, config, nights, say=say)
     slept = isolated(sleeping, config, nights, settings, fresh, say=say)

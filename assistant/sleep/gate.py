@@ -6,7 +6,8 @@ weighs a 3-token and a 30-token answer by the same evidence, in any language. Th
 
 - recall: asked a held-out probe *without* the session, is the candidate surer of the teacher's
   answer than the pre-sleep model? A paired one-sided test over the probes (the mean gain must
-  clear its own noise), not a one-probe margin;
+  clear its own noise), not a one-probe margin; and more probes must be recalled (below), so a
+  block that only nudges its answers' likelihood is not worth a version;
 - retention: are earlier nights' answers as likely as before (mean change within tolerance)?
 - reading: with a text in context, is the candidate as sure as the model before the stack's first
   night of that model's own answers (``material.readings``)? Held against the bare model, never
@@ -137,6 +138,9 @@ def decide(before: Measurement, after: Measurement, probes: Sequence[Probe], old
         promote, reason = False, "too few held-out questions to judge recall by: kept the live adapter"
     elif lower <= 0:
         promote, reason = False, f"recall did not rise beyond its noise (gain {_mean(gains):+.2f} nats, lower bound {lower:+.2f})"
+    elif recalled(after.new, probes) <= recalled(before.new, probes):
+        promote, reason = False, (f"no more questions recalled ({recalled(before.new, probes):.0%}), though their "
+                                  f"answers grew likelier (+{_mean(gains):.2f} nats)")
     elif old and old_change < -retention_tolerance:
         promote, reason = False, f"earlier answers faded ({old_change:+.2f} nats on average)"
     elif reading_change < -reading_tolerance:
