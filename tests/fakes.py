@@ -200,9 +200,8 @@ class FakeTrainer:
     ``learns_after``: the new block's strength (its optimiser steps) from which it
     recalls what it was trained on (None: it never learns). ``forgets_after``: from which it
     answers none of the questions of the facts in ``forgets``, whatever the frozen blocks or its
-    own training say. ``reading_lost_after``: from which it no longer reads its context.
-    ``reading``: sessions (``assistant.nano.world.Session``) it reads correctly (any other text in
-    context it answers with ``UNKNOWN``, or ``UNREAD`` once reading is lost).
+    own training say. ``reading_lost_after``: from which it no longer reads its context (text in
+    context that says no fact it answers with ``UNKNOWN``, and with ``UNREAD`` once reading is lost).
     ``respond(turns, new_block)``: an answer that overrides the scripted reading when not None.
     """
 
@@ -216,7 +215,6 @@ class FakeTrainer:
         forgets: Iterable[Fact] = (),
         forgets_after: float | None = None,
         reading_lost_after: float | None = None,
-        reading: Iterable = (),
         respond: Callable[[list[dict], bool], str | None] | None = None,
         context_length: int = 4096,
     ) -> None:
@@ -228,7 +226,6 @@ class FakeTrainer:
         self.forgets_after = forgets_after
         self.reading_lost_after = reading_lost_after
         self.respond = respond
-        self.reading = _reading_table(reading)
         self.nights: list[Night] = []
         self._crashes: dict[str, tuple[int, BaseException]] = {}
         self._reset()
@@ -405,8 +402,6 @@ class FakeTrainer:
         context = turns[:-1]
         heard = "\n".join(m["content"] for m in context if m["role"] == "user")
         cannot_read = new_block and _reached(self.strength(), self.reading_lost_after)
-        if (read := self.reading.get(tuple(m["content"] for m in turns))) is not None:
-            return UNREAD if cannot_read else read
         if asked == ASK:  # the night's request for questions, and the dreams'
             questions = list(dict.fromkeys(q for fact in self._said_in(heard) for q in fact.writes or fact.questions))
             return "\n".join(f"{n}. {q}" for n, q in enumerate(questions, 1)) or NO_QUESTIONS
@@ -481,17 +476,6 @@ class FakeTrainer:
 
 def _reached(strength: float, threshold: float | None) -> bool:
     return threshold is not None and strength >= threshold
-
-
-def _reading_table(sessions: Iterable) -> dict[tuple[str, ...], str]:
-    """Each probe of each session (``assistant.nano.world.Session``) as the gate asks it: the
-    contents of the chat up to the probe -> an answer that states the probe's value."""
-    table = {}
-    for session in sessions:
-        chat = session.chat()
-        for probe in session.probes:
-            table[tuple(m["content"] for m in chat[: probe.at])] = f"{probe.value}."
-    return table
 
 
 def _read_memory(folder: Path) -> dict[str, str]:

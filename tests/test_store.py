@@ -114,6 +114,16 @@ def test_search_finds_words_and_ignores_query_syntax(store):
     assert store.search("   ") == []
 
 
+def test_search_for_any_word_finds_a_question_asked_in_other_words(store):
+    porto = conversation(store, "My sister Alice lives in Porto.")
+    rex = conversation(store, "My dog Rex likes the park.")
+    assert store.search("Which city does Alice live in?") == []  # every word: none says them all
+    assert [row["session_id"] for row in store.search("Which city does Alice live in?", any_word=True)] == [porto]
+    assert {row["session_id"] for row in store.search("Alice or Rex?", any_word=True)} == {porto, rex}
+    for awkward in ['"unbalanced', "AND (", "*", "?!"]:
+        assert store.search(awkward, any_word=True) == []
+
+
 def test_a_megabyte_message_is_stored_whole_and_searchable(store):
     huge = ("lorem ipsum " * 90_000)[:1_000_000] + " needle"
     session_id = conversation(store, huge)

@@ -33,20 +33,12 @@ def _asked(session_id: int, said: str, *questions: str) -> list[tuple[int, list[
 
 # -- parse_questions ---------------------------------------------------------------------------------
 
-def test_numbered_lists_in_any_style_are_questions():
-    reply = "1. What is my dog's name?\n2) Where do I live?\n(3) Who is my sister?\n4: When is the party?"
-    assert teach.parse_questions(reply) == ["What is my dog's name?", "Where do I live?", "Who is my sister?",
-                                            "When is the party?"]
-
-
-def test_bulleted_lists_are_questions():
-    reply = "- What is my dog's name?\n* Where do I live?\n\u2022 Who is my sister?\n  -  When is the party?"
-    assert teach.parse_questions(reply) == ["What is my dog's name?", "Where do I live?", "Who is my sister?",
-                                            "When is the party?"]
-
-
-def test_bold_markdown_and_quotes_come_off():
-    reply = '1. **What is my dog\'s name?**\n- **Where do I live?**\n**Who is my sister?**\n"When is the party?"'
+@pytest.mark.parametrize("reply", [
+    "1. What is my dog's name?\n2) Where do I live?\n(3) Who is my sister?\n4: When is the party?",  # numbered
+    "- What is my dog's name?\n* Where do I live?\n\u2022 Who is my sister?\n  -  When is the party?",  # bulleted
+    '1. **What is my dog\'s name?**\n- **Where do I live?**\n**Who is my sister?**\n"When is the party?"',  # bold, quotes
+], ids=["numbered", "bulleted", "bold-and-quotes"])
+def test_a_list_in_any_style_is_its_questions(reply):
     assert teach.parse_questions(reply) == ["What is my dog's name?", "Where do I live?", "Who is my sister?",
                                             "When is the party?"]
 

@@ -36,7 +36,6 @@ consolidation measured on all the nights, where night 1 alone asks too few (3 or
 
 from __future__ import annotations
 
-import functools
 import json
 import multiprocessing
 import random
@@ -59,8 +58,8 @@ from rich.table import Table
 from assistant.config import Config, SomnusError, open_paths
 from assistant.nano import evaluate
 from assistant.nano.world import ACKS, World
-from assistant.sleep.night import MLP, SleepSettings, render_framed
-from backends.base import BackendError, LoraSpec, Sampling
+from assistant.sleep.night import SleepSettings, frame
+from backends.base import BackendError, Sampling
 
 Say = Callable[[str], None]
 GREEDY = Sampling(max_tokens=48, temperature=0.0)
@@ -286,16 +285,13 @@ def fresh_in_context(trainer, sessions: int, seed: int) -> float | None:
 
 def _open(config: Config, adapters=(), settings: SleepSettings = SleepSettings()):
     """The training engine's trainer (also the fastest batched reader) wearing ``adapters``."""
+    from assistant.models import system_prompt_for
     from backends.select import choose_engines, open_trainer
 
     engine = choose_engines(config.backend)[1]
-    from assistant.models import system_prompt_for
-
-    spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
-    trainer = open_trainer(engine, Path(config.model), blocks=adapters, spec=spec, lr=settings.lr, seed=settings.seed)
-    system = system_prompt_for(Path(config.model), config)
-    if system is not None:  # every method reads as the user's chat does, after the system prompt
-        trainer.render_chat = functools.partial(render_framed, trainer.render_chat, system)
+    trainer = open_trainer(engine, Path(config.model), blocks=adapters, spec=settings.spec, lr=settings.lr,
+                           seed=settings.seed)
+    frame(trainer, system_prompt_for(Path(config.model), config))  # every method reads as the chat does
     return closing(trainer)
 
 
@@ -345,14 +341,8 @@ def retrieval(config: Config, night: Night, say: Say) -> dict:
 
 
 def _found(store, question: str) -> int | None:
-    words = re.findall(r"\w+", question)
-    if not words:
-        return None
-    with store.reading() as db:
-        rows = list(db.query("SELECT messages.session_id FROM messages_fts JOIN messages ON messages.id = "
-                             "messages_fts.rowid WHERE messages_fts MATCH ? ORDER BY rank LIMIT 1",
-                             [" OR ".join(db.quote_fts(word) for word in words)]))
-    return rows[0]["session_id"] if rows else None
+    found = store.search(question, limit=1, any_word=True)
+    return found[0]["session_id"] if found else None
 
 
 def store_chat(store, session_id: int) -> list[dict]:

@@ -17,18 +17,10 @@ from dataclasses import replace
 
 from assistant import adapters
 from assistant.config import Config, Paths
-from assistant.sleep import dreaming, gate, reference, supersede
-from assistant.sleep import teach as teaching
-from assistant.sleep.night import (
-    MIN_PROBES,
-    Night,
-    SleepReport,
-    SleepSettings,
-    open_night,
-    said,
-)
-from assistant.sleep.seeding import Row, SeedingSettings
-from assistant.sleep.seeding import consolidate as train
+from assistant.sleep import dreaming, gate, reference, supersede, teach as teaching
+from assistant.sleep.lessons import said
+from assistant.sleep.night import MIN_PROBES, Night, SleepReport, SleepSettings, open_night
+from assistant.sleep.seeding import Row, SeedingSettings, consolidate as train
 from assistant.store import Store
 from backends.base import BlockTrainer
 
@@ -64,9 +56,8 @@ def teach(night: Night) -> None:
 def consolidate(night: Night) -> None:
     """Knowledge Seeding on tonight's rows, replay and everyday anchors, within the night's budget."""
     night.say("consolidate", 0.15, "reading the everyday material with the model as it was")
-    scales = [block.scale for block in night.stack.adapters()]
-    night.material = reference.bare_answers(night.trainer, night.render, night.material_source, scales, night.model.weights,
-                                            night.stack.extra.get("material"))
+    night.material = reference.bare_answers(night.trainer, night.render, night.material_source, night.scales,
+                                            night.model.weights, night.stack.extra.get("material"))
     night.readings = reference.readings(night.render, night.material_source, night.material)
     night.anchors = [Row(p, p, a, kind="anchor")
                      for p, a in reference.anchors(night.render, night.material_source, night.material)]

@@ -8,7 +8,6 @@ was. The dreamt block becomes one more candidate for the gate, beside the consol
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 
 from assistant.sleep import dreams, seeding
@@ -20,7 +19,7 @@ DREAMS = dreams.DreamSettings()
 
 
 def dream_night(night: Night) -> dict:
-    trainer, rng = night.trainer, random.Random(night.settings.seed + night.run_id)
+    trainer, rng = night.trainer, night.rng
     tonight = {lesson.session_id: list(lesson.context) for lesson in night.lessons}
     memories = [dreams.Memory(sid, context) for sid, context in tonight.items()]
     older_ids = sorted({sid for block in night.stack.blocks for sid in block.sessions} - set(tonight))
@@ -37,7 +36,7 @@ def dream_night(night: Night) -> dict:
     def anchor() -> float:
         return seeding.distill_step(trainer, rng.sample(keep, min(len(keep), distil.batch_size)), distil, rng, marker)
 
-    log = dreams.dream(trainer, night.render, memories, scales=[block.scale for block in night.stack.adapters()],
+    log = dreams.dream(trainer, night.render, memories, scales=night.scales,
                        held_out={p.question for p in night.probes + night.earlier},
                        settings=replace(DREAMS, seed=night.settings.seed + night.run_id),
                        reward=night.dream_reward or seeding.imitation(distil.gamma, distil.threshold),

@@ -24,8 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from assistant.sleep import losses
-from assistant.sleep.seeding import end_of_turn, pad
+from assistant.sleep.seeding import end_of_turn, summed_logprobs
 from backends.base import BlockTrainer
 
 RECALL_MARGIN = math.log(4)  # recalled: at most 4 times less sure of the whole answer than the teacher
@@ -47,13 +46,11 @@ class Probe:
 def logprob(trainer: BlockTrainer, prompts: Sequence[str], answers: Sequence[str], *, new_block: bool,
             batch: int = 8) -> list[float]:
     """Log-probability of each answer (and its end of turn) after its rendered prompt."""
-    marker, ops, result = end_of_turn(trainer), trainer.ops, []
+    marker, result = end_of_turn(trainer), []
     for start in range(0, len(prompts), batch):
-        prefixes = [trainer.encode(p) for p in prompts[start:start + batch]]
-        completions = [trainer.encode(a + marker) for a in answers[start:start + batch]]
-        logits, mask = trainer.completion_logits(prefixes, completions, new_block=new_block)
-        token_logprobs = losses.completion_logprobs(ops, logits, pad(completions))
-        result += [float(total) for total in ops.sum(token_logprobs * mask, axis=-1)]
+        result += [total for total, _ in summed_logprobs(
+            trainer, [trainer.encode(p) for p in prompts[start:start + batch]],
+            [trainer.encode(a + marker) for a in answers[start:start + batch]], new_block=new_block)]
     return result
 
 

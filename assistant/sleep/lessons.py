@@ -20,10 +20,14 @@ def user_turn(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def said(messages: Sequence[dict]) -> str:
+    """The user's words in ``messages``, one turn per line."""
+    return "\n".join(m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip())
+
+
 def knowledge_context(messages: Sequence[dict]) -> list[dict]:
     """The user's turns, in order, as one message the teacher has "heard", then a neutral reply."""
-    said = [m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip()]
-    return [{"role": "user", "content": "\n".join(said)}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
+    return [{"role": "user", "content": said(messages)}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
 
 
 def windows(messages: Sequence[dict], fits: Callable[[list[dict]], bool], overlap: int = 2) -> list[list[dict]]:

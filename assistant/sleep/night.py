@@ -52,6 +52,11 @@ class SleepSettings:
     reading_tolerance: float = 0.25  # nats the readings may lose on average against the bare model
     seed: int = 0
 
+    @property
+    def spec(self) -> LoraSpec:
+        """The night's new block: ``rank`` on the MLP projections, alpha twice the rank."""
+        return LoraSpec(rank=self.rank, alpha=2 * self.rank, targets=MLP)
+
 
 @dataclass
 class SleepReport:
@@ -109,9 +114,14 @@ class Night:
     def sessions(self) -> list[int]:
         return [row["session_id"] for row in self.pending]
 
+    def __post_init__(self) -> None:
+        # One stream for the night, so its stages draw different numbers rather than the same ones.
+        self.rng = random.Random(self.settings.seed + self.run_id)
+
     @property
-    def rng(self) -> random.Random:
-        return random.Random(self.settings.seed + self.run_id)
+    def scales(self) -> list[float]:
+        """The frozen blocks' scales, as the live stack wears them."""
+        return [block.scale for block in self.stack.adapters()]
 
     def left(self) -> float:
         """Seconds left of the night's budget."""
@@ -170,11 +180,6 @@ class Night:
         return SleepReport("nothing", sessions=self.sessions, reason=reason)
 
 
-def said(messages) -> str:
-    """The user's words in a session, one turn per line."""
-    return "\n".join(m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip())
-
-
 def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings: SleepSettings, progress: Progress,
                open_trainer: Callable[..., BlockTrainer] | None, dream_reward) -> Night | SleepReport:
     """The night's sessions, model, live stack and trainer (a report instead when there is nothing to do)."""
@@ -192,10 +197,8 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
         from backends.select import choose_engines
         from backends.select import open_trainer as open_engine
         open_trainer = functools.partial(open_engine, choose_engines(config.backend)[1])
-    spec = LoraSpec(rank=settings.rank, alpha=2 * settings.rank, targets=MLP)
-    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=spec, lr=settings.lr, seed=settings.seed)
-    if (system := system_prompt_for(model, config)) is not None:  # the night's prompts read as the day's chat does
-        trainer.render_chat = functools.partial(render_framed, trainer.render_chat, system)
+    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr, seed=settings.seed)
+    frame(trainer, system_prompt_for(model, config))  # the night's prompts read as the day's chat does
 
     def told(stage: str, fraction: float, message: str) -> None:
         store.sleep.set_stage(run_id, stage)
@@ -205,5 +208,11 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
                  dream_reward)
 
 
-def render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
+def frame(trainer: BlockTrainer, system: str | None) -> None:
+    """Put ``system`` (None: nothing) before every chat ``trainer`` renders from now on."""
+    if system is not None:
+        trainer.render_chat = functools.partial(_render_framed, trainer.render_chat, system)
+
+
+def _render_framed(render, system: str, messages, add_generation_prompt: bool = True) -> str:
     return render(framed(messages, system), add_generation_prompt=add_generation_prompt)

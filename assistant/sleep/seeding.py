@@ -336,12 +336,17 @@ def mean_token_probability(
     judges) is of each candidate after its prefix: the geometric mean of its per-token
     probabilities, end-of-turn included."""
     completions = [trainer.encode(c + marker) for c in candidates]
+    return [math.exp(total / max(tokens, 1.0))
+            for total, tokens in summed_logprobs(trainer, prefixes, completions, new_block=new_block)]
+
+
+def summed_logprobs(trainer: BlockTrainer, prefixes: Sequence[Sequence[int]],
+                    completions: Sequence[Sequence[int]], *, new_block: bool) -> list[tuple[float, float]]:
+    """(log-probability summed over its tokens, tokens counted) of each completion after its prefix."""
     logits, mask = trainer.completion_logits(prefixes, completions, new_block=new_block)
     ops = trainer.ops
-    logprobs = losses.completion_logprobs(ops, logits, pad(completions))
-    totals = ops.sum(logprobs * mask, axis=-1)
-    counts = ops.sum(mask, axis=-1)
-    return [math.exp(float(t) / max(float(c), 1.0)) for t, c in zip(totals, counts)]
+    totals = ops.sum(losses.completion_logprobs(ops, logits, pad(completions)) * mask, axis=-1)
+    return [(float(total), float(tokens)) for total, tokens in zip(totals, ops.sum(mask, axis=-1))]
 
 
 def pad(rows: Sequence[Sequence[int]]) -> list[list[int]]:

@@ -7,6 +7,7 @@ lists sessions): a lock serialises access to the single connection, and every wr
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,8 @@ from sqlite_utils import Database
 from assistant.config import Config, Paths
 from assistant.store.connection import StoreError, connect, translated_errors
 from assistant.store.migrations import migrate
-from assistant.store.timestamps import now
 from assistant.store.sleep import SleepLedger
+from assistant.store.timestamps import now
 
 ROLES = ("user", "assistant", "system")
 STATUSES = ("complete", "cancelled", "error")
@@ -174,8 +175,9 @@ class Store:
         with self.reading() as db:
             return list(db.query("SELECT * FROM messages WHERE session_id = ? ORDER BY id", [session_id]))
 
-    def search(self, query: str, limit: int = 20) -> list[dict]:
-        """Messages matching ``query`` as plain words (no FTS syntax to get wrong), best first."""
+    def search(self, query: str, limit: int = 20, *, any_word: bool = False) -> list[dict]:
+        """Messages matching ``query`` as plain words (no FTS syntax to get wrong), best first: every
+        word, or with ``any_word`` any of them (a question asked in other words than were said)."""
         sql = """
             SELECT messages.id AS message_id, messages.session_id, messages.role, messages.created,
                    sessions.title, snippet(messages_fts, 0, '[', ']', '...', 16) AS snippet
@@ -184,10 +186,11 @@ class Store:
             JOIN sessions ON sessions.id = messages.session_id
             WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?
         """
-        if not query.strip():
+        words = re.findall(r"\w+", query) if any_word else [query]
+        if not query.strip() or not words:
             return []
         with self.reading() as db:
-            return list(db.query(sql, [db.quote_fts(query), limit]))
+            return list(db.query(sql, [" OR ".join(db.quote_fts(word) for word in words), limit]))
 
     def _require_session(self, db: Database, session_id: int) -> None:
         if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
