@@ -58,6 +58,7 @@ def ledger_state(paths, config):
 
 def test_an_empty_day_has_nothing_to_consolidate(tmp_path, tiny_model_dir):
     result = somnus(tmp_path / "home", tiny_model_dir, "sleep", "--now", "--json")
+    assert "Warning" not in result.stderr  # the sleep process says nothing of its own on the terminal
     report = json.loads(result.stdout)
     assert report["status"] == "nothing"
     assert "nothing to consolidate" in report["reason"]

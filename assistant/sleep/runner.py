@@ -1,7 +1,7 @@
 """The sleep as a separate process: one at a time, progress as JSON lines, safe to kill.
 
 Chat must stay usable while the model sleeps, so the cycle runs in a child process
-(``python -m assistant.sleep.runner``) that holds an exclusive lock on ``sleep.lock`` in the data
+(``python -m assistant.sleep``) that holds an exclusive lock on ``sleep.lock`` in the data
 folder: a second sleep is refused at once with a clear message. The child prints one JSON object per
 line: ``{"event": "progress", "stage", "progress", "message"}`` while it works, then
 ``{"event": "report", ...}``. ``start_sleep`` wraps that for the CLI, the scheduler and the TUI.
@@ -110,7 +110,7 @@ def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: 
     """
     if is_sleeping(paths):
         raise SleepBusy("a sleep is already running; wait for it to finish")
-    command = [sys.executable, "-m", "assistant.sleep.runner", "--home", str(paths.home),
+    command = [sys.executable, "-m", "assistant.sleep", "--home", str(paths.home),
                "--model", config.model, "--backend", config.backend]
     if steps:
         command += ["--steps", str(steps)]
@@ -153,7 +153,8 @@ def _emit(**payload) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one sleep (normally started by `somnus sleep`).")
+    parser = argparse.ArgumentParser(prog="python -m assistant.sleep",
+                                     description="Run one sleep (normally started by `somnus sleep`).")
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--model")
     parser.add_argument("--backend")
