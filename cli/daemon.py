@@ -34,7 +34,11 @@ async def _serve(paths: Paths, config: Config, say: Callable[[str], None]) -> No
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopped.set)
+    from assistant.forget import finish_interrupted
+
     with open_store(paths, config) as store:
+        for line in finish_interrupted(store):
+            say(f"somnus: {line}")
         scheduler = SleepScheduler(
             paths, config, store,
             on_start=lambda reason: say(f"sleeping: {reason}"),

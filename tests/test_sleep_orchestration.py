@@ -19,6 +19,9 @@ import functools
 import inspect
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from unittest import mock
@@ -36,15 +39,16 @@ from fakes import (
     parse_chat,
 )
 
-from assistant import adapters
+from assistant import adapters, forget
 from assistant.chat import Chat
 from assistant.config import Config, Paths, load_config, open_paths
 from assistant.models import resolve_model
-from assistant.sleep import cycle, dreaming
+from assistant.sleep import cycle, dreaming, sleep_lock
 from assistant.sleep.cycle import SleepReport, SleepSettings, sleep_cycle
 from assistant.sleep.gate import Probe, kept_training
 from assistant.sleep.material import EVERYDAY, READINGS
 from assistant.sleep.night import MLP
+from assistant.sleep.runner import SleepBusy
 from assistant.sleep.seeding import SeedingSettings
 from assistant.sleep.teach import ASK
 from assistant.store import Store, open_store
@@ -250,7 +254,7 @@ def test_a_private_chat_is_never_recorded_so_never_slept_on(day):
     Chat(backend, model="fake", store=day.store, private=True).reply(ZARA.said)
     recorded = Chat(backend, model="fake", store=day.store)
     recorded.reply(PORTO.said)
-    assert [s["id"] for s in day.store.sessions()] == [recorded.session_id]
+    assert sorted(s["id"] for s in day.store.sessions()) == [recorded.session_id]
     fake = learner()
     report = day.sleep(fake)
     assert report.status == "promoted" and report.sessions == [recorded.session_id]
@@ -589,3 +593,147 @@ def test_a_run_left_running_by_a_killed_sleep_is_marked_interrupted(day):
     report = day.sleep(learner())
     assert (day.store.sleep.run(killed)["status"], day.store.sleep.run(killed)["error"]) == ("failed", "interrupted")
     assert day.store.sleep.run(report.run)["status"] == "complete"
+
+
+# -- forgetting a session -----------------------------------------------------------------------------
+
+
+def worn(day: Day) -> FakeTrainer:
+    """The fake wearing the live stack, as the chat would."""
+    return FakeTrainer(FACTS).open(resolve_model(day.config.model, day.paths).path,
+                                   blocks=adapters.live_stack(day.store).adapters())
+
+
+def recalls(fake: FakeTrainer, fact: Fact) -> bool:
+    return fake.answer([{"role": "user", "content": fact.questions[0]}], new_block=False) == fact.answer
+
+
+def files_holding(home: Path, text: str) -> list[str]:
+    needle = text.encode()
+    return sorted(str(path.relative_to(home)) for path in home.rglob("*")
+                  if path.is_file() and needle in path.read_bytes())
+
+
+def two_nights(day: Day) -> tuple[int, int, int]:
+    """Night 1 learns Porto and Rex (two sessions), night 2 Zara; both promoted."""
+    porto, rex = day.session(PORTO.said), day.session(REX.said)
+    assert day.sleep(learner()).status == "promoted"
+    zara = day.session(ZARA.said)
+    assert day.sleep(learner()).status == "promoted"
+    return porto, rex, zara
+
+
+def test_forgetting_a_session_drops_every_version_it_reached_and_relearns_the_others_night_by_night(day):
+    porto, rex, zara = two_nights(day)
+    assert recalls(worn(day), PORTO) and files_holding(day.paths.home, "Porto")
+    old_blocks = day.blocks_on_disk()
+
+    done = forget.forget(day.paths, day.store, porto)
+    assert (done.messages, done.versions, done.nights) == (2, [1, 2], [[rex], [zara]])
+    assert day.store.sleep.live_adapter() is None and old_blocks.isdisjoint(day.blocks_on_disk())
+    assert [(a["version"], a["status"]) for a in day.store.sleep.adapters()] == [(2, "forgotten"), (1, "forgotten")]
+    assert day.manifests() == {} and day.pending() == [rex, zara]
+    assert sorted(s["id"] for s in day.store.sessions()) == [rex, zara] and day.store.search("Porto") == []
+    assert files_holding(day.paths.home, "Porto") == []  # the database's free pages and log included
+    assert day.store.sleep.forgets()[0]["status"] == "relearning"
+
+    for sessions in done.nights:  # what `somnus forget` runs next, one night per dropped block
+        report = sleep_cycle(day.paths, day.config, day.store, settings=SETTINGS, sessions=sessions,
+                             open_trainer=learner().open)
+        assert (report.status, report.sessions) == ("promoted", sessions)
+    forget.finished(day.store, done)
+    chat = worn(day)
+    assert not recalls(chat, PORTO) and recalls(chat, REX) and recalls(chat, ZARA)
+    assert [block["sessions"] for block in day.manifest(4)["blocks"]] == [[rex], [zara]]
+    assert files_holding(day.paths.home, "Porto") == [] and day.store.sleep.forgets()[0]["status"] == "done"
+
+
+def test_forgetting_the_newest_nights_only_session_keeps_the_older_version_live(day):
+    porto, rex, zara = two_nights(day)
+    done = forget.forget(day.paths, day.store, zara)
+    assert (done.versions, done.nights) == ([2], [])
+    assert day.store.sleep.live_adapter()["version"] == 1 and day.pending() == []
+    chat = worn(day)
+    assert recalls(chat, PORTO) and recalls(chat, REX) and not recalls(chat, ZARA)
+    assert files_holding(day.paths.home, "Zara") == [] and set(day.manifests()) == {"v0001.json"}
+
+
+def test_forgetting_a_session_no_block_learnt_leaves_the_adapters_alone(day):
+    porto, rex, zara = two_nights(day)
+    later = day.session(LYON.said)
+    before = day.live_state()
+    done = forget.forget(day.paths, day.store, later)
+    assert (done.messages, done.versions, done.files) == (2, [], 0)
+    assert day.live_state() == before and files_holding(day.paths.home, "Lyon") == []
+
+
+def test_a_rejected_version_that_learnt_the_session_is_deleted_too_and_the_live_one_kept(day):
+    porto = day.session(PORTO.said)
+    assert day.sleep(learner()).status == "promoted"
+    rex = day.session(REX.said)
+    assert day.sleep(learner(learns_after=None)).status == "rejected"
+    done = forget.forget(day.paths, day.store, rex)
+    assert done.versions == [2] and day.store.sleep.live_adapter()["version"] == 1
+    assert set(day.manifests()) == {"v0001.json"} and files_holding(day.paths.home, "Rex") == []
+
+
+def test_forget_waits_for_no_night_and_refuses_while_one_sleeps(day):
+    porto = day.session(PORTO.said)
+    with sleep_lock(day.paths), pytest.raises(SleepBusy):
+        forget.forget(day.paths, day.store, porto)
+    assert sorted(s["id"] for s in day.store.sessions()) == [porto]
+
+
+KILL_POINTS = {  # where the forget's process dies, as `kill -9` would kill it
+    "inside the store's transaction": "assistant.store.sleep.now",
+    "after the transaction, before any file": "assistant.forget._finish_files",
+    "after the first file deleted": "shutil.rmtree",
+    "after the files, before the database is rewritten": "assistant.store.store.Store.scrub",
+    "after everything, before the forget is marked": "assistant.store.sleep.SleepLedger.set_forget_status",
+}
+KILLER = """
+import os, signal, sys, functools, importlib
+from unittest import mock
+from assistant.config import load_config, open_paths
+from assistant.store import open_store
+from assistant import forget
+home, target, session, after = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "after"
+module, name = target.rsplit(".", 1)
+try:
+    owner = importlib.import_module(module)
+except ModuleNotFoundError:
+    module, cls = module.rsplit(".", 1)
+    owner = getattr(importlib.import_module(module), cls)
+real = getattr(owner, name)
+def die(*args, **kwargs):
+    if after:
+        real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+paths = open_paths(home)
+with open_store(paths, load_config(paths)) as store, mock.patch.object(owner, name, die):
+    forget.forget(paths, store, session)
+"""
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_forget_killed_at_any_point_leaves_the_old_state_or_the_next_start_finishes_the_new(day, point):
+    porto, rex, zara = two_nights(day)
+    before = day.live_state()
+    day.store.close()
+    target = KILL_POINTS[point]
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(day.paths.home), target, str(porto),
+                             "after" if target == "shutil.rmtree" else "before"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    day.store = open_store(day.paths, day.config)
+    told = forget.finish_interrupted(day.store)  # what every start does first
+    assert day.store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if point == "inside the store's transaction":
+        assert told == [] and day.live_state() == before and recalls(worn(day), PORTO)
+        assert sorted(s["id"] for s in day.store.sessions()) == [porto, rex, zara]
+        return
+    assert told == [f"finished forgetting session {porto} (it was interrupted): its adapter blocks and text are gone"]
+    assert forget.finish_interrupted(day.store) == [] and day.store.sleep.forgets()[0]["status"] == "relearning"
+    assert day.store.sleep.live_adapter() is None and adapters.live_stack(day.store).blocks == ()
+    assert sorted(s["id"] for s in day.store.sessions()) == [rex, zara] and day.pending() == [rex, zara]
+    assert files_holding(day.paths.home, "Porto") == [] and day.manifests() == {}
+    assert not recalls(worn(day), PORTO)

@@ -6,11 +6,11 @@ stage 2, Dreaming, rehearses sampled dreams with group RL (Behrouz et al., "Lang
 Sleep"). ``losses`` and ``rewards`` hold the pure mathematics of both stages, engine-independent.
 
 What the rest of Somnus uses of it is named here, so the app, the CLI and the scheduler never reach
-into its stages: start a sleep (in its own process) or wait for one, ask whether one runs, and
-word what a night's consolidation kept.
+into its stages: start a sleep (in its own process) or wait for one, ask whether one runs, hold
+off every night (the lock), and word what a night's consolidation kept.
 """
 
 from assistant.sleep.gate import kept_training
-from assistant.sleep.runner import is_sleeping, sleep_now, start_sleep
+from assistant.sleep.runner import is_sleeping, sleep_lock, sleep_now, start_sleep
 
-__all__ = ["is_sleeping", "kept_training", "sleep_now", "start_sleep"]
+__all__ = ["is_sleeping", "kept_training", "sleep_lock", "sleep_now", "start_sleep"]

@@ -121,14 +121,14 @@ STAGES = (teach, consolidate, dream, judge, promote)
 
 def sleep_cycle(paths: Paths, config: Config, store: Store, *, settings: SleepSettings = SleepSettings(),
                 progress: Callable[[str, float, str], None] = lambda stage, fraction, message: None,
-                open_trainer: Callable[..., BlockTrainer] | None = None, dream_reward=None) -> SleepReport:
-    """Run one night and record it; the caller holds the sleep lock. ``dream_reward`` replaces the
-    rehearsal's reward (tests give a deliberately bad one to see the gate catch it)."""
+                open_trainer: Callable[..., BlockTrainer] | None = None, dream_reward=None, sessions=None) -> SleepReport:
+    """Run one night and record it; the caller holds the sleep lock. ``sessions``: learn only these of
+    those not yet learnt. ``dream_reward`` replaces the rehearsal's reward (tests give a bad one)."""
     started, ledger = time.time(), store.sleep
     ledger.fail_interrupted_runs()
     run_id = ledger.start_run()
     try:
-        night = open_night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward)
+        night = open_night(paths, config, store, run_id, settings, progress, open_trainer, dream_reward, sessions)
         report = night if isinstance(night, SleepReport) else _stages(night)
     except BaseException as error:
         ledger.finish_run(run_id, "failed", error=str(error) or type(error).__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 
 from assistant import adapters
@@ -181,10 +181,12 @@ class Night:
 
 
 def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings: SleepSettings, progress: Progress,
-               open_trainer: Callable[..., BlockTrainer] | None, dream_reward) -> Night | SleepReport:
-    """The night's sessions, model, live stack and trainer (a report instead when there is nothing to do)."""
+               open_trainer: Callable[..., BlockTrainer] | None, dream_reward,
+               sessions: Collection[int] | None = None) -> Night | SleepReport:
+    """The night's sessions (of those not yet learnt, only ``sessions`` if given), model, live stack
+    and trainer (a report instead when there is nothing to do)."""
     progress("select", 0.0, "looking for sessions to consolidate")
-    pending = store.sleep.unconsolidated_sessions()
+    pending = [row for row in store.sleep.unconsolidated_sessions() if sessions is None or row["session_id"] in sessions]
     if not pending:
         return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
     model = local_model(config.model, paths)

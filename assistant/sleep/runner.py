@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -101,12 +101,13 @@ class SleepHandle:
 
 
 def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: Path | None = None,
-                all_cores: bool = False) -> SleepHandle:
+                all_cores: bool = False, sessions: Sequence[int] | None = None) -> SleepHandle:
     """Start a sleep in its own process (refused at once if one runs already).
 
     ``log``: append the process's stderr (library warnings) to this file instead of the terminal,
     where it would scribble over a full-screen app. ``all_cores``: train on every core (no chat to
-    keep responsive); otherwise one core is left free.
+    keep responsive); otherwise one core is left free. ``sessions``: learn only these (of those not
+    yet learnt), as a forget relearns a dropped night's.
     """
     if is_sleeping(paths):
         raise SleepBusy("a sleep is already running; wait for it to finish")
@@ -116,6 +117,8 @@ def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: 
         command += ["--steps", str(steps)]
     if all_cores:
         command.append("--all-cores")
+    if sessions:
+        command += ["--sessions", ",".join(map(str, sessions))]
     stderr = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log is not None else None
     try:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
@@ -127,10 +130,11 @@ def start_sleep(paths: Paths, config: Config, *, steps: int | None = None, log: 
 
 
 def sleep_now(
-    paths: Paths, config: Config, on_event: Callable[[SleepEvent], None] | None = None, *, steps: int | None = None
+    paths: Paths, config: Config, on_event: Callable[[SleepEvent], None] | None = None, *, steps: int | None = None,
+    sessions: Sequence[int] | None = None,
 ) -> SleepReport:
-    """The blocking library call behind ``somnus sleep --now``, the scheduler and ``/sleep``."""
-    handle = start_sleep(paths, config, steps=steps)
+    """The blocking library call behind ``somnus sleep --now``, the scheduler, ``/sleep`` and a forget."""
+    handle = start_sleep(paths, config, steps=steps, sessions=sessions)
     for event in handle.events():
         if on_event:
             on_event(event)
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--all-cores", action="store_true")
+    parser.add_argument("--sessions", type=lambda text: [int(part) for part in text.split(",")])
     args = parser.parse_args(argv)
     os.umask(0o077)
     _use_cores(args.all_cores)
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, max_steps=args.steps)
     try:
         with lock, open_store(paths, config) as store:
-            report = sleep_cycle(paths, config, store, settings=settings,
+            report = sleep_cycle(paths, config, store, settings=settings, sessions=args.sessions,
                                  progress=lambda stage, fraction, message: _emit(
                                      event="progress", stage=stage, progress=round(fraction, 4), message=message))
     except (SomnusError, BackendError, ValueError) as error:

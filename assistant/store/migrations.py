@@ -142,3 +142,17 @@ def m004_dream_journal(db: Database) -> None:
         not_null={"sleep_run_id", "question", "source", "kept"},
     )
     db["dreams"].create_index(["sleep_run_id"])
+
+
+@migration
+def m005_dream_sessions(db: Database) -> None:
+    db["dreams"].add_column("session_id", int)
+
+
+@migration
+def m006_forgets(db: Database) -> None:
+    db["forgets"].create(
+        {"id": int, "session_id": int, "created": str, "finished": str, "status": str, "plan": str},
+        pk="id",
+        not_null={"session_id", "created", "status", "plan"},
+    )

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from assistant.store.store import Store
 
 RUN_STATUSES = ("running", "complete", "failed", "cancelled")
-ADAPTER_STATUSES = ("candidate", "live", "rejected", "retired")
+ADAPTER_STATUSES = ("candidate", "live", "rejected", "retired", "forgotten")
+FORGET_STATUSES = ("deleting", "relearning", "done")
 
 # The live adapters and their ancestors (through parent_version): what the model now knows.
 _LIVE_LINEAGE = """
@@ -61,6 +62,12 @@ class SleepLedger:
         with self._store.reading() as db:
             row = db.execute("SELECT max(id) FROM sleep_runs").fetchone()[0]
         return None if row is None else self.run(row)
+
+    def runs(self) -> list[dict]:
+        """Every run, oldest first, each with its report (``somnus report``: one row a night)."""
+        with self._store.reading() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM sleep_runs ORDER BY id")]
+        return [self.run(run_id) for run_id in ids]
 
     def add_adapter(
         self,
@@ -210,6 +217,42 @@ class SleepLedger:
     def last_dreaming_run(self) -> int | None:
         with self._store.reading() as db:
             return db.execute("SELECT max(sleep_run_id) FROM dreams").fetchone()[0]
+
+    def forget(self, session_id: int, *, forgotten: Sequence[int], live: int | None, plan: Mapping) -> int:
+        """A forget's first step, in ONE transaction: the session's rows leave (messages and their
+        search index, provenance, its lines of the dream journal), the adapter versions in
+        ``forgotten`` (ids) are marked so and can never be live again, ``live`` (an id; None: the
+        bare model) becomes the live version, and ``plan`` (the files left to delete) is recorded.
+        Returns the forget's id; a kill before the commit leaves everything as it was."""
+        forgotten = list(forgotten)
+        marks = ",".join("?" * len(forgotten))
+        with self._store.transaction() as db:
+            if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
+                raise StoreError(f"no session {session_id}")
+            # Journals written before dreams named their session lose every line of a night that learnt it.
+            db.execute("DELETE FROM dreams WHERE session_id = ? OR (session_id IS NULL AND sleep_run_id IN "
+                       "(SELECT sleep_run_id FROM adapters JOIN adapter_sessions ON adapter_id = adapters.id "
+                       "WHERE adapter_sessions.session_id = ?))", [session_id, session_id])
+            db.execute("DELETE FROM messages WHERE session_id = ?", [session_id])
+            db.execute("DELETE FROM adapter_sessions WHERE session_id = ?", [session_id])
+            db.execute("DELETE FROM sessions WHERE id = ?", [session_id])
+            if forgotten:
+                db.execute(f"UPDATE adapters SET status = 'forgotten' WHERE id IN ({marks})", forgotten)
+            if db.execute("SELECT 1 FROM adapters WHERE status = 'live'").fetchone() is None and live is not None:
+                db.execute("UPDATE adapters SET status = 'live' WHERE id = ?", [live])
+            return db["forgets"].insert({"session_id": session_id, "created": now(), "status": "deleting",
+                                         "plan": json.dumps(plan)}).last_pk
+
+    def forgets(self, status: str | None = None) -> list[dict]:
+        """Forgets, oldest first (only those in ``status``, if given), each with its plan."""
+        with self._store.reading() as db:
+            rows = list(db.query("SELECT * FROM forgets WHERE (:status IS NULL OR status = :status) ORDER BY id",
+                                 {"status": status}))
+        return [{**row, "plan": json.loads(row["plan"])} for row in rows]
+
+    def set_forget_status(self, forget_id: int, status: str) -> None:
+        _check_choice("forget status", status, FORGET_STATUSES)
+        self._update("forgets", forget_id, {"status": status, **({"finished": now()} if status == "done" else {})})
 
     def _update(self, table: str, row_id: int, changes: Mapping) -> None:
         with self._store.transaction() as db:

@@ -164,6 +164,17 @@ class Store:
             db.execute("DELETE FROM sessions WHERE id = ?", [session_id])
         return deleted
 
+    def scrub(self) -> None:
+        """Rewrite the database so that no file holds deleted text: SQLite keeps it in free pages, in
+        the full-text index's old segments and in the write-ahead log until told otherwise."""
+        with self.reading() as db:
+            db.execute("INSERT INTO messages_fts(messages_fts) VALUES('optimize')")
+            db.execute("VACUUM")
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise StoreError("another program is reading the database; its deleted text is still in the "
+                             "write-ahead log until that program closes it")
+
     def last_message_time(self) -> str | None:
         """When the latest message was said (in any session, by any process): how long the user has been away."""
         with self.reading() as db:
