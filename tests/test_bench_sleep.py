@@ -18,7 +18,7 @@ from assistant.nano import evaluate
 ABLATIONS = {"with_dream"}
 METHODS = {"in_context", "floor", "retrieval", "sleep", "finetune", "with_lti"} | ABLATIONS
 PER_DATA_SET = {"methods", "retention", "in_context_drop", "nights", "seconds_per_night", "latest_recall",
-                "each_night", "per_night", "ablations", "skipped"}
+                "each_night", "per_night", "forget", "ablations", "skipped"}
 
 STORY = """\
 1 Mary moved to the bathroom.
@@ -132,6 +132,9 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
     assert each["probes"] == 8 and each["promoted"] == sum(n["status"] == "promoted" for n in generated["per_night"])
     assert each["recall"] == pytest.approx(sum(n["recall"] for n in generated["per_night"]) / 2)
     assert each["in_context"] is not None and each["floor"] is not None
+    forgot = generated["forget"]  # night 2's first session, forgotten: no file keeps a word it said
+    assert (forgot["probes"], forgot["kept_probes"], forgot["files_holding_it"]) == (2, 2, [])
+    assert all(0.0 <= forgot[key] <= 1.0 for key in ("recall", "recall_before", "floor", "kept_recall", "kept_before"))
 
 
 @pytest.mark.slow

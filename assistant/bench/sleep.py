@@ -31,7 +31,10 @@ fact must win); ``in_context_drop`` = in-context accuracy on fresh generated ses
 first night minus after the last, in points; ``seconds_per_night`` = the median night;
 ``each_night`` = every night's probes asked of the live adapter right after that night, pooled, and
 their CR against the bare model reading the same probes in context and alone: one night's
-consolidation measured on all the nights, where night 1 alone asks too few (3 or 4 on bAbI).
+consolidation measured on all the nights, where night 1 alone asks too few (3 or 4 on bAbI);
+``forget`` = after the last night, its first session forgotten as `somnus forget` does: recall of
+its probes (against the bare model's floor on them) and of the night's other probes, before and
+after, and the files under the data folder still holding a sentence of it (none, if it works).
 """
 
 from __future__ import annotations
@@ -357,11 +360,12 @@ def bare_in_context(config: Config, fresh: tuple[int, int], say: Say) -> dict:
 
 
 def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, fresh: tuple[int, int] | None,
-             say: Say) -> dict:
+             say: Say, forgetting: bool = False) -> dict:
     """Record and sleep night after night in a temporary data folder, asking the live adapter.
 
     After the last night it also answers night 1's probes and every topic's latest value, and
-    reads the ``fresh`` sessions as ``bare_in_context`` did (when given).
+    reads the ``fresh`` sessions as ``bare_in_context`` did (when given); ``forgetting``: then it
+    forgets the last night's first session (``forgotten``).
     """
     from assistant import adapters
     from assistant.sleep.cycle import sleep_cycle
@@ -375,7 +379,7 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
                 def progress(stage: str, _: float, message: str, number=number) -> None:
                     say(f"night {number}/{len(nights)}: {stage}, {message}")
 
-                _record(store, night, config.model)
+                recorded = _record(store, night, config.model)
                 span = Span()
                 report = sleep_cycle(paths, config, store, settings=settings, progress=progress)
                 record = {"night": number, "status": report.status, "reason": report.reason, **span.record(),
@@ -393,14 +397,49 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
                         result["latest_recall"] = share(probe(trainer, latest_questions(nights)))
                         result["in_context_after"] = fresh_in_context(trainer, *fresh) if fresh else None
                 result["per_night"].append(record)
+            if forgetting:
+                result["forgotten"] = forgotten(config, paths, store, nights[-1], recorded, hits, settings, say)
     return result
 
 
-def _record(store, night: Night, model: str) -> None:
+def forgotten(config: Config, paths, store, night: Night, recorded: Sequence[int], hits: Sequence[bool],
+              settings: SleepSettings, say: Say) -> dict:
+    """Forget ``night``'s first session as `somnus forget` does (its blocks dropped, the other sessions
+    relearnt) and ask the night's probes again: the forgotten session's should fall to the floor
+    (the bare model asked the same probes), the others' keep what they had (``hits``, before)."""
+    from assistant import adapters, forget
+    from assistant.sleep.cycle import sleep_cycle
+
+    mine = [q.session == 0 for q in night.questions]
+    split = lambda answers: ([a for a, m in zip(answers, mine) if m], [a for a, m in zip(answers, mine) if not m])
+    told = [m["content"] for m in night.sessions[0] if m["role"] == "user"]
+    span = Span()
+    done = forget.forget(paths, store, recorded[0])
+    for number, sessions in enumerate(done.nights, 1):
+        sleep_cycle(paths, config, store, settings=settings, sessions=sessions, progress=lambda stage, _, message:
+                    say(f"forget: relearning night {number}/{len(done.nights)}: {stage}, {message}"))
+    forget.finished(store, done)
+    spent = span.record()
+    with _open(config, adapters.live_stack(store).adapters(), settings) as trainer:
+        gone, kept = split(probe(trainer, night.questions))
+    with _open(config, (), settings) as trainer:
+        floor = share(probe(trainer, [q for q, m in zip(night.questions, mine) if m]))
+    before_gone, before_kept = split(hits)
+    holding = [str(path.relative_to(paths.home)) for path in paths.home.rglob("*") if path.is_file()
+               and any(text.encode() in path.read_bytes() for text in told)]
+    return {"recall": share(gone), "recall_before": share(before_gone), "floor": floor, "probes": len(gone),
+            "kept_recall": share(kept), "kept_before": share(before_kept), "kept_probes": len(kept),
+            "relearnt_nights": len(done.nights), "files_holding_it": holding, **spent}
+
+
+def _record(store, night: Night, model: str) -> list[int]:
+    """The night's sessions, stored; their ids."""
+    ids = []
     for chat in night.sessions:
-        session = store.create_session(model=model)
+        ids.append(session := store.create_session(model=model))
         for message in chat:
             store.add_message(session, message["role"], message["content"])
+    return ids
 
 
 def finetuning(config: Config, night: Night, budget: float, settings: SleepSettings, say: Say) -> dict:
@@ -493,7 +532,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     fresh = (bench.fresh_sessions, bench.seed + 1)
     before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
     bare = isolated(nightly_readings, config, nights, say=say)
-    slept = isolated(sleeping, config, nights, settings, fresh, say=say)
+    slept = isolated(sleeping, config, nights, settings, fresh, say=say, forgetting=True)
     first = slept["per_night"][0]
     methods["sleep"] = {key: first[key] for key in NIGHT_KEYS}
     methods["finetune"] = isolated(finetuning, config, nights[0], first["seconds"], settings, say=say)
@@ -523,6 +562,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "nights": len(nights),
         "seconds_per_night": round(statistics.median(n["seconds"] for n in slept["per_night"]), 1),
         "per_night": slept["per_night"],
+        "forget": slept["forgotten"],
         "ablations": ablations,
         "skipped": None,
     }
@@ -549,7 +589,7 @@ def ablate(config: Config, nights: Sequence[Night], settings: SleepSettings, sle
 
 
 def skipped(reason: str) -> dict:
-    return {"methods": {}, "ablations": {}, "retention": None, "in_context_drop": None, "latest_recall": None,
+    return {"methods": {}, "ablations": {}, "forget": None, "retention": None, "in_context_drop": None, "latest_recall": None,
             "each_night": None, "nights": 0,
             "seconds_per_night": None, "per_night": [], "skipped": reason}
 
@@ -619,6 +659,13 @@ def results_table(result: dict) -> Table:
         table.add_row(name, f"retention of night 1 after {nights} nights", _percent(data["retention"]))
         table.add_row(name, f"latest values after {nights} nights", _percent(data["latest_recall"]))
         table.add_row(name, "in-context drop, points", "n/a" if drop is None else f"{drop:.1f}")
+        if forgot := data.get("forget"):
+            table.add_row(name, f"forget one session of night {nights}: its facts ({forgot['probes']}; before "
+                                f"{_percent(forgot['recall_before'])}, floor {_percent(forgot['floor'])})",
+                          _percent(forgot["recall"]), "", "", "", f"{forgot['seconds']:.1f}", f"{forgot['cpu_seconds']:.1f}")
+            table.add_row(name, f"  the night's other sessions ({forgot['kept_probes']}; before "
+                                f"{_percent(forgot['kept_before'])}), files still holding it: "
+                                f"{len(forgot['files_holding_it'])}", _percent(forgot["kept_recall"]))
         table.add_row(name, "median night", "", "", "", "", f"{data['seconds_per_night']:.1f}", end_section=True)
     table.caption = "; ".join(skipped + [f"total {result['seconds']:.0f} s"])
     return table
