@@ -340,14 +340,20 @@ def sleep_command(
         report = sleep_now(ws.paths, ws.config, steps=steps)
         _print_json(report.record())
         return
+    _print_sleep_report(_sleep_shown(ws, steps=steps))
+
+
+def _sleep_shown(ws: Workspace, *, steps: int | None = None, sessions: list[int] | None = None):
+    """A night, its stage and time left shown on stderr while it runs; its report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from assistant.sleep import sleep_now
 
     with Progress(TextColumn("{task.fields[stage]:<12}"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("starting", total=1.0, stage="sleep")
-        report = sleep_now(ws.paths, ws.config, steps=steps, on_event=lambda event: bar.update(
+        return sleep_now(ws.paths, ws.config, steps=steps, sessions=sessions, on_event=lambda event: bar.update(
             task, completed=event.progress, description=event.message, stage=event.stage))
-    _print_sleep_report(report)
 
 
 def _print_sleep_report(report) -> None:
@@ -467,6 +473,50 @@ def _score(row: dict, *keys: str) -> str:
 
 
 @app.command()
+def forget(
+    ctx: typer.Context,
+    session_id: Annotated[int, typer.Argument(metavar="SESSION", help="The session's number (see `somnus sessions`).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Forget without asking first.")] = False,
+) -> None:
+    """Forget a session: its text leaves the store and the adapter blocks that learnt it are deleted;
+    the other sessions those blocks learnt are learnt again, night by night."""
+    from assistant import forget as forgetting
+    from assistant.sleep import is_sleeping
+
+    ws = workspace(ctx)
+    if is_sleeping(ws.paths):
+        raise SomnusError("a sleep is running (it may be learning this very session); forget after it ends")
+    with _open_store(ws) as store:
+        chosen = forgetting.plan(store, session_id)
+        if not yes:
+            _confirm_forget(store.session(session_id), chosen)
+        done = forgetting.forget(ws.paths, store, session_id)
+    reached = f"adapter version(s) {', '.join(map(str, done.versions))} deleted" if done.versions else "no adapter had learnt it"
+    print(f"forgot session {session_id}: {done.messages} message(s) gone from the store and its search; {reached}")
+    for sessions in done.nights:
+        listed = ", ".join(map(str, sessions))
+        print(f"learning again what session(s) {listed} said, without it")
+        try:
+            _print_sleep_report(_sleep_shown(ws, sessions=sessions))
+        except SomnusError as error:
+            print(f"somnus: {error}; the next sleep learns session(s) {listed} again", file=sys.stderr)
+            break
+    else:
+        with _open_store(ws) as store:
+            forgetting.finished(store, done)
+    print("copies made earlier with `somnus adapters export` are outside Somnus's reach: delete them yourself")
+
+
+def _confirm_forget(session: dict, chosen) -> None:
+    if not sys.stdin.isatty():
+        raise SomnusError("forget asks before it deletes anything: add --yes to forget without asking")
+    what = f"session {session['id']} ({_visible(session['title'] or 'untitled')}, {session['message_count']} messages)"
+    blocks = (f"; adapter version(s) {', '.join(map(str, chosen.versions))} learnt it and will be deleted, "
+              f"and {sum(map(len, chosen.nights))} other session(s) learnt again" if chosen.versions else "")
+    typer.confirm(f"Forget {what} for good{blocks}?", abort=True)
+
+
+@app.command()
 def rollback(ctx: typer.Context) -> None:
     """Return to the previous adapter version; its sessions will be learnt again at the next sleep."""
     from assistant.sleep import is_sleeping
@@ -477,6 +527,27 @@ def rollback(ctx: typer.Context) -> None:
     with _open_store(ws) as store:
         live = store.sleep.rollback()
     print(f"live adapter: version {live['version']}" if live else "live: the bare model (no adapter)")
+
+
+@app.command()
+def report(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+    """Every night: its sessions, block, recall, retention, ability drop, time, outcome and why; then a plot."""
+    from dataclasses import asdict
+
+    from assistant.report import COLUMNS, NO_NIGHTS, cells, nights, plot
+
+    with _open_store(workspace(ctx)) as store:
+        rows = nights(store)
+    if json_output:
+        _print_json([asdict(row) for row in rows])
+        return
+    if not rows:
+        print(NO_NIGHTS)
+        return
+    _print_table(list(COLUMNS), [cells(row) for row in rows])
+    console = Console()
+    console.print()
+    console.print(Text.from_ansi(plot(rows, console.width, 16, color=True)), soft_wrap=True)
 
 
 JsonPathOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")]
@@ -606,6 +677,11 @@ def _open_store(ws: Workspace) -> Iterator[Store]:
     from assistant.store import open_store
 
     with open_store(ws.paths, ws.config) as store:
+        if store.sleep.forgets("deleting"):  # a forget a kill cut short is finished before anything else
+            from assistant.forget import finish_interrupted
+
+            for line in finish_interrupted(store):
+                print(f"somnus: {line}", file=sys.stderr)
         yield store
 
 

@@ -187,6 +187,18 @@ def test_sessions_show_and_search(recorded_home):
     assert "no session 5" in error_line(somnus(recorded_home, "show", "5"))
 
 
+def test_forget_asks_first_then_leaves_no_file_holding_the_session(recorded_home):
+    assert "add --yes" in error_line(somnus(recorded_home, "forget", "1"))  # stdin is no terminal: nothing asked
+    assert "no session 7" in error_line(somnus(recorded_home, "forget", "7", "--yes"))
+    forgot = somnus(recorded_home, "forget", "1", "--yes")
+    assert forgot.returncode == 0, forgot.stderr.decode()
+    assert out(forgot).splitlines()[0] == ("forgot session 1: 2 message(s) gone from the store and its search; "
+                                           "no adapter had learnt it")
+    assert [row["id"] for row in as_json(somnus(recorded_home, "sessions", "--json"))] == [2]
+    assert as_json(somnus(recorded_home, "search", "porto", "--json")) == []
+    assert not [path for path in recorded_home.rglob("*") if path.is_file() and b"Porto" in path.read_bytes()]
+
+
 def test_export_as_markdown_and_json(recorded_home, tmp_path):
     markdown = out(somnus(recorded_home, "export"))
     assert markdown.index("# My sister Alice") < markdown.index("# My dog Rex")

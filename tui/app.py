@@ -25,6 +25,7 @@ from assistant.chat import Chat
 from assistant.config import Config, Paths, SomnusError
 from assistant.crashes import ReplyJournal
 from assistant.engine import ChatEngine
+from assistant.forget import finish_interrupted
 from assistant.scheduler import (
     Clock,
     SleepOutcome,
@@ -111,8 +112,8 @@ class SomnusApp(SlashCommands, App[None]):
     def on_ready(self) -> None:
         """After the first frame: loading the model (torch's import holds the GIL for seconds) would
         otherwise delay the prompt the user is waiting to type into."""
-        for line in self.journal.crashed():  # after the first frame: a notice sent before it is never shown
-            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)
+        for line in self.journal.crashed() + finish_interrupted(self.store):  # after the first frame: a notice
+            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)  # sent before it is never shown
         self._load_engine()
         self.scheduler.start()
         self.set_interval(30, self.refresh_status)

@@ -37,6 +37,7 @@ SLASH_COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("rollback", "Return to the previous adapter version"),
     SlashCommand("export", "Write this session as Markdown (to PATH, or the current folder)", "[PATH]"),
     SlashCommand("report", "Open the report of the last sleep"),
+    SlashCommand("nights", "Every night: recall, retention, ability, outcome and why, with a plot"),
     SlashCommand("help", "Commands and keys"),
 )
 

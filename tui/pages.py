@@ -1,9 +1,10 @@
-"""The pages the app opens (help, status, models, adapters, a sleep report), written as Markdown."""
+"""The pages the app opens (help, status, models, adapters, a sleep report, the nights), written as Markdown."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from assistant.report import COLUMNS, NOTHING_TO_PLOT, NightRow, cells
 from tui.commands import SLASH_COMMANDS
 
 KEYS = (
@@ -86,6 +87,20 @@ def report_page(report: Mapping, titles: Mapping[int, str], reason: str | None =
     sessions = report.get("sessions") or []
     lines += ["", f"## Sessions slept on ({len(sessions)})", ""]
     lines += [f"- {session}: {titles.get(session) or '(deleted or untitled)'}" for session in sessions]
+    return "\n".join(lines)
+
+
+def nights_page(rows: Sequence[NightRow]) -> str:
+    """Every night as the gate judged it: a row each, oldest first."""
+    if not rows:
+        return "# Nights\n\nNo nights yet: the model learns from its first sleep (`/sleep`)."
+    lines = ["# Nights", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(cell) for cell in cells(row)) + " |" for row in rows]
+    lines += ["", ("Recall: the night's held-out questions answered, before and after its block. Retention: "
+                   "earlier nights' answers still given. Ability drop: reading exercises lost against the bare "
+                   "model, in points.")]
+    if not any(row.judged for row in rows):
+        lines += ["", NOTHING_TO_PLOT[0].upper() + NOTHING_TO_PLOT[1:] + "."]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from textual.widgets import Input, Label
 
 from assistant.config import SomnusError, update_config, write_private_file
 from assistant.export import as_markdown, sessions_with_messages
+from assistant.report import nights
 from tui import pages
 from tui.commands import SLASH_COMMANDS, SlashCommand, matching, parse
 from tui.conversation import Conversation
@@ -154,3 +155,10 @@ class SlashCommands:
             report, reason = last_run["report"], None
         titles = {row["id"]: row["title"] for row in self.store.sessions()}
         self.push_screen(PageScreen(pages.report_page(report, titles, reason), name="report"))
+
+    async def slash_nights(self, _argument: str) -> None:
+        # Imported here: only this page needs plotext.
+        from tui.widgets.nights import NightsScreen
+
+        rows = nights(self.store)
+        self.push_screen(NightsScreen(pages.nights_page(rows), rows))

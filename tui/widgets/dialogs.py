@@ -67,4 +67,8 @@ class PageScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="box page") as page:
             page.border_subtitle = "Escape closes this page"
-            yield Markdown(self.markdown)
+            yield from self.body()
+
+    def body(self) -> ComposeResult:
+        """What the page shows under its border (a page with more than Markdown adds it here)."""
+        yield Markdown(self.markdown)
