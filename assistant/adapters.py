@@ -93,6 +93,22 @@ def load_stack(path: Path) -> Stack:
     return Stack(data["version"], blocks, data.get("parent"), extra)
 
 
+def orphan_blocks(home: Path) -> list[Path]:
+    """Block folders no manifest names: what a save killed half-way, or before its manifest was
+    written, left behind. Only a caller holding the sleep lock may delete them (a night writes its
+    block before its manifest)."""
+    folder = adapters_dir(home) / "blocks"
+    if not folder.is_dir():
+        return []
+    named = set()
+    for manifest in adapters_dir(home).glob("v*.json"):
+        try:
+            named |= {Path(block.path).name for block in load_stack(manifest).blocks}
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # a manifest we cannot read may name any of them: delete none
+    return sorted(path for path in folder.iterdir() if path.name not in named)
+
+
 def live_stack(store) -> Stack:
     """The stack the model wears now (version 0, no blocks, before the first promotion)."""
     live = store.sleep.live_adapter()

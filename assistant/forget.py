@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from assistant.adapters import Stack, load_stack
+from assistant.adapters import Stack, load_stack, orphan_blocks
 from assistant.config import Paths, SomnusError
 from assistant.store import Store
 
@@ -54,8 +54,9 @@ class Forgotten:
     forget_id: int | None = None
 
 
-def plan(store: Store, session_id: int) -> Plan:
-    """Which versions and blocks the session reached, which version stays live, what to relearn."""
+def plan(paths: Paths, store: Store, session_id: int) -> Plan:
+    """Which versions and blocks the session reached, which version stays live, what to relearn; block
+    folders no manifest names (a killed save's) go too, as they may hold what the session said."""
     store.session(session_id)  # a wrong id fails here, before anything changes
     rows = {row["id"]: row for row in store.sleep.adapters() if row["status"] != "forgotten"}
     stacks = {adapter_id: _stack(row) for adapter_id, row in rows.items()}
@@ -63,7 +64,7 @@ def plan(store: Store, session_id: int) -> Plan:
     kept_blocks = {block.id for i, stack in stacks.items() if i not in reached and stack for block in stack.blocks}
     files = [row["path"] for i, row in rows.items() if i in reached]
     files += sorted({str(block.path) for i in reached if stacks[i] for block in stacks[i].blocks
-                     if block.id not in kept_blocks})
+                     if block.id not in kept_blocks} | {str(path) for path in orphan_blocks(paths.home)})
     live = next((row for row in rows.values() if row["status"] == "live"), None)
     if live is None or live["id"] not in reached:
         return Plan(session_id, tuple(sorted(reached)), _versions(rows, reached), files=tuple(files))
@@ -89,7 +90,7 @@ def forget(paths: Paths, store: Store, session_id: int) -> Forgotten:
     from assistant.sleep import sleep_lock
 
     with sleep_lock(paths):
-        chosen = plan(store, session_id)
+        chosen = plan(paths, store, session_id)
         messages = len(store.messages(session_id))
         forget_id = store.sleep.forget(session_id, forgotten=chosen.forgotten,
                                        live=chosen.live if chosen.live_changes else None, plan=chosen.record())

@@ -487,7 +487,7 @@ def forget(
     if is_sleeping(ws.paths):
         raise SomnusError("a sleep is running (it may be learning this very session); forget after it ends")
     with _open_store(ws) as store:
-        chosen = forgetting.plan(store, session_id)
+        chosen = forgetting.plan(ws.paths, store, session_id)
         if not yes:
             _confirm_forget(store.session(session_id), chosen)
         done = forgetting.forget(ws.paths, store, session_id)

@@ -585,6 +585,7 @@ def test_a_crash_mid_night_changes_nothing_live_and_the_next_night_succeeds(day,
         assert left == set()
     report = day.sleep(learner())
     assert (report.status, report.adapter, report.sessions) == ("promoted", 2, [later])
+    assert not left & day.blocks_on_disk()  # the next night swept what no manifest names
 
 
 def test_a_run_left_running_by_a_killed_sleep_is_marked_interrupted(day):
@@ -650,6 +651,9 @@ def test_forgetting_a_session_drops_every_version_it_reached_and_relearns_the_ot
 
 def test_forgetting_the_newest_nights_only_session_keeps_the_older_version_live(day):
     porto, rex, zara = two_nights(day)
+    orphan = adapters.block_dir(day.paths.home, "night0009-killed")  # a save killed before its manifest
+    orphan.mkdir()
+    (orphan / "adapter_model.safetensors").write_text(ZARA.answer)
     done = forget.forget(day.paths, day.store, zara)
     assert (done.versions, done.nights) == ([2], [])
     assert day.store.sleep.live_adapter()["version"] == 1 and day.pending() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import shutil
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
@@ -186,6 +187,8 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
     """The night's sessions (of those not yet learnt, only ``sessions`` if given), model, live stack
     and trainer (a report instead when there is nothing to do)."""
     progress("select", 0.0, "looking for sessions to consolidate")
+    for orphan in adapters.orphan_blocks(paths.home):  # a killed save's folder: it may hold what a session said
+        shutil.rmtree(orphan, ignore_errors=True)
     pending = [row for row in store.sleep.unconsolidated_sessions() if sessions is None or row["session_id"] in sessions]
     if not pending:
         return SleepReport("nothing", reason="nothing to consolidate: no new sessions since the last sleep")
