@@ -55,7 +55,8 @@ class Stack:
         return [Adapter(block.path, scale) for block, scale in zip(self.blocks, scales, strict=True) if scale]
 
     def grown(self, block: Block, version: int) -> Stack:
-        return Stack(version, self.blocks + (block,), parent=self.version)
+        """This stack and ``block``: version ``version``, whose parent is this one (None: the bare model)."""
+        return Stack(version, self.blocks + (block,), parent=self.version or None)
 
 
 def adapters_dir(home: Path) -> Path:

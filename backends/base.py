@@ -20,6 +20,12 @@ class BackendError(Exception):
     """A clear, one-line problem with a model, an adapter or an engine (shown to the user as is)."""
 
 
+def first_line(error: BaseException) -> str:
+    """A library's error as one line for a BackendError: its first line, or its type when it says nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # Special tokens that end a text wherever a model's vocabulary has them. llama.cpp stops generating at
 # every one of them (its end-of-generation set), not only at the declared end of turn, so the other
 # engines stop there too: a model that samples <|endoftext|> mid-reply ends the reply on all three.

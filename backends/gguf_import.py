@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from backends.base import BackendError
+from backends.base import BackendError, first_line
 
 # general.architecture -> the family's name, for the families every engine and the sleep support.
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma 3"}
@@ -63,7 +63,7 @@ def import_gguf(source: Path, out_dir: Path, progress: Progress | None = None) -
                 loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
                                                               dtype=torch.float32)
         except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as error:
-            raise BackendError(f"{source}: transformers cannot read it ({_first_line(error)})") from None
+            raise BackendError(f"{source}: transformers cannot read it ({first_line(error)})") from None
         report("copying the weights into a plain model", 0.6)
         with _quiet():
             plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
@@ -107,8 +107,3 @@ def _quiet() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

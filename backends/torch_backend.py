@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from backends.base import Adapter, BackendError, Sampling, end_token_ids
+from backends.base import Adapter, BackendError, Sampling, end_token_ids, first_line
 from backends.incremental_text import IncrementalText
 from backends.peft_io import check_lora_fits, read_lora, read_model_config
 
@@ -46,7 +46,7 @@ class TorchBackend:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
                 base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
         except (OSError, ValueError, KeyError, SafetensorError) as error:
-            raise BackendError(f"{hf_dir}: cannot load the model ({_first_line(error)})") from error
+            raise BackendError(f"{hf_dir}: cannot load the model ({first_line(error)})") from error
         self.base_model = base.to(self.device).eval()
         self.model: torch.nn.Module = self.base_model  # the base, or a PeftModel wrapping it
         self.cache_name = cache_argument(base)
@@ -189,7 +189,3 @@ def _pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

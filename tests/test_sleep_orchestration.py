@@ -341,7 +341,7 @@ def test_a_promoted_night_records_its_manifest_block_live_adapter_and_what_it_le
 
     manifest = day.manifest(1)
     [block] = manifest["blocks"]
-    assert manifest["version"] == 1 and not manifest["parent"]
+    assert manifest["version"] == 1 and manifest["parent"] is None  # the bare model is no version
     assert set(manifest) == {"version", "parent", "blocks", "model", "weights", "verdict", "taught", "probes",
                              "material"}
     assert block["sessions"] == [porto, pets] and block["sleep_run"] == report.run
