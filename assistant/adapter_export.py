@@ -128,12 +128,21 @@ def _peft(folder: Path, layers, model: Model, _paths: Paths, _config: Config, me
 
 def _mlx(folder: Path, layers, model: Model, paths: Paths, config: Config, merged: bool) -> list[str]:
     from backends.lora_export import write_mlx
+    from backends.peft_io import mlx_model_settings
 
-    if merged:  # mlx-lm loads a Hugging Face folder as it is
-        return _peft(folder, layers, model, paths, config, merged)
-    num_layers = int(json.loads((model.path / "config.json").read_text())["num_hidden_layers"])
-    write_mlx(folder, layers, num_layers)
-    return []
+    model_config = json.loads((model.path / "config.json").read_text())
+    # transformers 5 nests the rotary settings where mlx-lm does not look: told nothing, it drifts from Somnus.
+    settings = mlx_model_settings(model_config, model.path)
+    if merged:
+        _peft(folder, layers, model, paths, config, merged)
+        merged_config = folder / "config.json"
+        merged_config.write_text(json.dumps({**json.loads(merged_config.read_text()), **settings}, indent=2))
+        return []
+    write_mlx(folder, layers, int(model_config["num_hidden_layers"]))
+    if not settings:
+        return []
+    return [f"load it with mlx_lm.load(\"{model.path}\", adapter_path=DIR, model_config={json.dumps(settings)}): "
+            "mlx-lm does not read this model's rotary settings from its folder"]
 
 
 def _gguf(folder: Path, layers, model: Model, _paths: Paths, _config: Config, merged: bool) -> list[str]:

@@ -19,7 +19,7 @@ from mlx.utils import tree_unflatten
 
 from backends.base import Adapter, BackendError, Sampling, end_token_ids
 from backends.incremental_text import IncrementalText
-from backends.peft_io import LoraBlock, check_lora_fits, read_lora, read_model_config
+from backends.peft_io import LoraBlock, check_lora_fits, mlx_model_settings, read_lora, read_model_config
 
 
 class MlxBackend:
@@ -33,7 +33,7 @@ class MlxBackend:
         self.hf_dir = hf_dir = Path(hf_dir)
         config = read_model_config(hf_dir)
         try:
-            self.model, self.tokenizer = load(str(hf_dir), model_config=_model_settings(config, hf_dir))
+            self.model, self.tokenizer = load(str(hf_dir), model_config=mlx_model_settings(config, hf_dir))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise BackendError(f"{hf_dir}: cannot load the model with mlx-lm ({error})") from error
         if mx.default_device() == mx.cpu:
@@ -162,41 +162,3 @@ def _shape(linear: nn.Module) -> tuple[int, int]:
     if isinstance(linear, nn.QuantizedLinear):
         in_features = in_features * 32 // linear.bits
     return out_features, in_features
-
-
-def _model_settings(config: dict, hf_dir: Path) -> dict:
-    """mlx-lm's names for settings transformers 5 writes in its own shape.
-
-    transformers 5 nests the rotary settings in ``rope_parameters`` (per layer type for Gemma 3)
-    and lists Gemma 3's layer kinds in ``layer_types``, where mlx-lm reads top-level ``rope_theta``,
-    ``rope_scaling``, ``rope_local_base_freq`` and ``sliding_window_pattern``. Without this mlx-lm
-    would silently use its defaults and drift from the torch engine.
-    """
-    params = config.get("rope_parameters")
-    if not isinstance(params, dict):
-        return {}
-    settings = {}
-    if config.get("model_type") == "gemma3_text":
-        settings.update(_gemma3_layer_pattern(config, hf_dir))
-        local = params.get("sliding_attention") or {}
-        if "rope_local_base_freq" not in config and "rope_theta" in local:
-            settings["rope_local_base_freq"] = local["rope_theta"]
-        params = params.get("full_attention") or {}
-    if "rope_theta" not in config and "rope_theta" in params:
-        settings["rope_theta"] = params["rope_theta"]
-        if params.get("rope_type", "default") != "default":
-            settings["rope_scaling"] = params
-    return settings
-
-
-def _gemma3_layer_pattern(config: dict, hf_dir: Path) -> dict:
-    """``sliding_window_pattern`` for mlx-lm, which only knows "every n-th layer is global"."""
-    layer_types = config.get("layer_types")
-    if not layer_types or "sliding_window_pattern" in config:
-        return {}
-    pattern = layer_types.index("full_attention") + 1 if "full_attention" in layer_types else 0
-    if not pattern or layer_types != [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(layer_types))
-    ]:
-        raise BackendError(f"{hf_dir}: mlx-lm runs Gemma 3 only with every n-th layer global, not these layer_types")
-    return {"sliding_window_pattern": pattern}

@@ -206,7 +206,16 @@ def exported_files(folder: Path) -> set[str]:
 
 
 def test_mlx_export_loads_in_mlx_lm_and_computes_what_somnus_computes(live, somnus_engine, tiny_model_dir, tmp_path):
-    folder = export(live, "mlx", tmp_path / "mlx").folder
+    exported = export(live, "mlx", tmp_path / "mlx")
+    folder = exported.folder
+    # transformers 5 nests rope_theta where mlx-lm does not look: the note says what to pass, and the
+    # merged folder says it where mlx-lm reads it (SmolLM2's 100000 read as 10000 changed 8 of 10 answers).
+    theta = json.loads((tiny_model_dir / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    assert exported.notes == (f'load it with mlx_lm.load("{tiny_model_dir}", adapter_path=DIR, model_config='
+                              f'{{"rope_theta": {json.dumps(theta)}}}): mlx-lm does not read this model\'s rotary '
+                              "settings from its folder",)
+    merged = export(live, "mlx", tmp_path / "mlx-merged", merged=True).folder
+    assert json.loads((merged / "config.json").read_text())["rope_theta"] == theta
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["lora_parameters"]["rank"] == 6 and config["lora_parameters"]["scale"] == 1.0
     assert config["num_layers"] == 2 and "self_attn.q_proj" in config["lora_parameters"]["keys"]
