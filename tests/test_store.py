@@ -373,23 +373,33 @@ def test_renaming_a_session_keeps_one_clean_line(store):
         store.rename_session(999, "Anything")
 
 
-def test_deleting_a_session_forgets_its_messages_search_and_provenance(store):
+def test_forgetting_a_session_in_one_transaction_removes_its_rows_and_records_the_plan(store):
     alice = conversation(store, "Alice lives in Porto", "Noted")
     rex = conversation(store, "Rex likes the park", "Good dog")
-    adapter = store.sleep.add_adapter(1, "adapters/v1", status="live")
+    old = store.sleep.add_adapter(1, "adapters/v1", status="retired")
+    adapter = store.sleep.add_adapter(2, "adapters/v2", parent_version=1, status="live")
     store.sleep.record_consolidation(adapter, {alice: store.messages(alice)[-1]["id"],
                                                rex: store.messages(rex)[-1]["id"]})
+    run = store.sleep.start_run()
+    store.sleep.add_dreams(run, [{"question": "Where does Alice live?", "source": "tonight", "session_id": alice,
+                                  "kept": True}, {"question": "Who likes the park?", "source": "tonight",
+                                                  "session_id": rex, "kept": False}])
 
-    assert store.delete_session(alice) == 2
+    forget_id = store.sleep.forget(alice, forgotten=[adapter], live=old, plan={"files": ["adapters/v2"]})
 
     assert [row["id"] for row in store.sessions()] == [rex]
-    assert store.messages(alice) == []
-    assert store.search("Porto") == []
+    assert store.messages(alice) == [] and store.search("Porto") == []
     assert [row["session_id"] for row in store.search("park")] == [rex]
-    with store.reading() as db:
-        assert [row["session_id"] for row in db.query("SELECT session_id FROM adapter_sessions")] == [rex]
+    assert [d["question"] for d in store.sleep.dreams(run)] == ["Who likes the park?"]
+    assert [(a["version"], a["status"], a["sessions"]) for a in store.sleep.adapters()] == [
+        (2, "forgotten", [rex]), (1, "live", [])]
+    assert [(f["id"], f["session_id"], f["status"], f["plan"]) for f in store.sleep.forgets()] == [
+        (forget_id, alice, "deleting", {"files": ["adapters/v2"]})]
     with pytest.raises(StoreError, match=f"no session {alice}"):
-        store.delete_session(alice)
+        store.sleep.forget(alice, forgotten=[], live=None, plan={})
+    store.scrub()  # the text leaves the database file and its log
+    for path in (store.path, store.path.with_name(store.path.name + "-wal")):
+        assert not path.exists() or b"Porto" not in path.read_bytes()
 
 
 def test_last_message_time_is_the_latest_turn_of_any_session(store):

@@ -7,6 +7,7 @@ keys at once, even while the model loads or sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -25,7 +26,7 @@ from assistant.chat import Chat
 from assistant.config import Config, Paths, SomnusError
 from assistant.crashes import ReplyJournal
 from assistant.engine import ChatEngine
-from assistant.forget import finish_interrupted
+from assistant.forget import finish_interrupted, forget
 from assistant.scheduler import (
     Clock,
     SleepOutcome,
@@ -288,7 +289,7 @@ class SomnusApp(SlashCommands, App[None]):
     def _delete_asked(self, event: SessionSidebar.DeleteAsked) -> None:
         session = self.store.session(event.session_id)
         question = (f"Delete the session \"{session['title'] or UNTITLED}\" and its {session['message_count']} "
-                    "messages? This cannot be undone.")
+                    "messages, and forget what sleep learnt from it? This cannot be undone.")
         self.push_screen(ConfirmScreen(question, "Delete"), partial(self._delete, event.session_id))
 
     async def _delete(self, session_id: int, confirmed: bool | None) -> None:
@@ -297,8 +298,14 @@ class SomnusApp(SlashCommands, App[None]):
         if session_id == self.conversation.session_id and self._replying:
             self.notify("Wait for the reply to end before deleting this session", severity="warning")
             return
-        self.store.delete_session(session_id)
-        self.notify("Session deleted")
+        try:  # a forget: the text leaves every file, and the adapter versions that learnt it go too
+            done = await asyncio.to_thread(forget, self.paths, self.store, session_id)
+        except SomnusError as error:
+            self.notify(f"Not deleted: {error}", severity="warning")
+            return
+        self.notify("Session deleted" + (f"; adapter version(s) {', '.join(map(str, done.versions))} that learnt it "
+                                         "are gone, and the next sleep learns the other sessions again"
+                                         if done.versions else ""))
         if session_id == self.conversation.session_id:
             self.conversation = Conversation()
             await self._show_conversation()

@@ -153,17 +153,6 @@ class Store:
             db.execute("UPDATE sessions SET title = ? WHERE id = ?", [cleaned, session_id])
         return cleaned
 
-    def delete_session(self, session_id: int) -> int:
-        """Forget a session: its messages (and their search index) and the record of which adapters
-        learnt it go too; returns how many messages were deleted. What a sleep already folded into an
-        adapter's weights stays there until that adapter is rolled back."""
-        with self.transaction() as db:
-            self._require_session(db, session_id)
-            deleted = db.execute("DELETE FROM messages WHERE session_id = ?", [session_id]).rowcount
-            db.execute("DELETE FROM adapter_sessions WHERE session_id = ?", [session_id])
-            db.execute("DELETE FROM sessions WHERE id = ?", [session_id])
-        return deleted
-
     def scrub(self) -> None:
         """Rewrite the database so that no file holds deleted text: SQLite keeps it in free pages, in
         the full-text index's old segments and in the write-ahead log until told otherwise."""
