@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 NO_NIGHTS = "no nights yet: the model has not slept"
 NOTHING_TO_PLOT = "no night has judged a block yet: nothing to plot"
-COLUMNS = ("night", "date", "outcome", "block", "sessions", "recall", "retention", "ability drop",
+COLUMNS = ("night", "date", "outcome", "block", "sessions", "recall", "retention", "ability drop", "reading",
            "seconds", "why")
 MAX_TICKS = 12  # night numbers under the plot; more would run into each other
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -35,6 +35,7 @@ class NightRow:
     in_context_before: float | None  # share of reading exercises read as well as the bare model
     in_context_after: float | None
     ability_drop: float | None  # in-context reading lost, in percentage points (negative: it read better)
+    reading_change: float | None  # mean nats the reading exercises moved against the bare model (the gate's test)
     seconds: float | None
     reason: str
 
@@ -60,6 +61,7 @@ def _night(run: dict, statuses: dict[int, str]) -> NightRow:
         recall_before=report.get("recall_before"), recall_after=report.get("recall_after"),
         retention=report.get("retention"), in_context_before=before, in_context_after=after,
         ability_drop=None if before is None or after is None else round(100 * (before - after), 2),
+        reading_change=report.get("reading_change"),
         seconds=report.get("seconds"), reason=report.get("reason") or run.get("error") or "",
     )
 
@@ -69,9 +71,10 @@ def cells(row: NightRow) -> list[str]:
     terminal would act on."""
     block = "-" if row.block is None else f"v{row.block} {row.block_status or 'unknown'}"
     drop = "-" if row.ability_drop is None else f"{row.ability_drop:+.1f} pts"
+    reading = "-" if row.reading_change is None else f"{row.reading_change:+.2f} nats"
     seconds = "-" if row.seconds is None else f"{row.seconds:.0f}"
     return [str(row.night), row.started[:10], row.outcome, block, str(len(row.sessions)),
-            f"{_percent(row.recall_before)} -> {_percent(row.recall_after)}", _percent(row.retention), drop,
+            f"{_percent(row.recall_before)} -> {_percent(row.recall_after)}", _percent(row.retention), drop, reading,
             seconds, _CONTROLS.sub(_escape, " ".join(row.reason.split()))]
 
 

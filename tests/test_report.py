@@ -29,7 +29,8 @@ def promoted_night(store: Store, version: int, sessions: list[int], recall: tupl
     else:
         ledger.set_adapter_status(adapter, "rejected")
     report = SleepReport("promoted" if live else "rejected", version, sessions, *recall, retention, *reading,
-                         seconds=seconds, reason=f"the gate on v{version}", run=run, training={"steps": 40})
+                         seconds=seconds, reason=f"the gate on v{version}", run=run, training={"steps": 40},
+                         reading_change=round(reading[1] - reading[0], 2))
     ledger.finish_run(run, "complete", report=report.record())
     return run
 
@@ -92,9 +93,9 @@ def test_somnus_report_prints_the_table_then_the_plot(recorded):
     table, _, chart = result.output.partition("\n\n")
     header, *rows = table.splitlines()
     assert header.split() == ["night", "date", "outcome", "block", "sessions", "recall", "retention", "ability",
-                              "drop", "seconds", "why"]
+                              "drop", "reading", "seconds", "why"]
     assert rows[1].split() == ["2", rows[1].split()[1], "promoted", "v1", "retired", "2", "20%", "->", "80%", "-",
-                               "+2.0", "pts", "512", "the", "gate", "on", "v1"]
+                               "+2.0", "pts", "-0.02", "nats", "512", "the", "gate", "on", "v1"]
     assert "rejected  v2 rejected" in rows[2] and "v3 live" in rows[4]
     assert rows[3].rstrip().endswith("out of memory\\x1b[2J") and "\x1b" not in result.output  # escapes shown, not run
     assert "recall (*) and retention (o) per night, %" in chart and "┌" in chart and "└" in chart
@@ -108,7 +109,7 @@ def test_somnus_report_json_is_every_row(recorded):
     assert rows[2] | {"started": None} == {
         "night": 3, "started": None, "outcome": "rejected", "block": 2, "block_status": "rejected", "sessions": [3],
         "recall_before": 0.25, "recall_after": 0.5, "retention": 0.6, "in_context_before": 0.9,
-        "in_context_after": 0.8, "ability_drop": 10.0, "seconds": 600.0, "reason": "the gate on v2"}
+        "in_context_after": 0.8, "ability_drop": 10.0, "reading_change": -0.1, "seconds": 600.0, "reason": "the gate on v2"}
 
 
 def test_somnus_report_before_the_first_night(somnus_home):
@@ -147,7 +148,7 @@ async def test_the_nights_page_shows_the_table_and_the_plot(recorded, app_withou
     async with app_without_model.run_test(size=(160, 50)) as pilot:
         page = await open_nights(pilot)
         markdown = page.query_one("Markdown").source
-        assert "| 2 | " in markdown and "| promoted | v1 retired | 2 | 20% -> 80% | - | +2.0 pts | 512 |" in markdown
+        assert "| 2 | " in markdown and "| promoted | v1 retired | 2 | 20% -> 80% | - | +2.0 pts | -0.02 nats | 512 |" in markdown
         assert "| rejected | v2 rejected |" in markdown and "| out of memory\\x1b[2J |" in markdown
         assert "\x1b" not in markdown  # the stored escape is shown as text, never sent to the terminal
         drawn = str(page.query_one(PlotextPlot).render())

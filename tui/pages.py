@@ -98,7 +98,8 @@ def nights_page(rows: Sequence[NightRow]) -> str:
     lines += ["| " + " | ".join(_cell(cell) for cell in cells(row)) + " |" for row in rows]
     lines += ["", ("Recall: the night's held-out questions answered, before and after its block. Retention: "
                    "earlier nights' answers still given. Ability drop: reading exercises lost against the bare "
-                   "model, in points.")]
+                   "model, in points. Reading: how much likelier (+) or less likely (-) the block made the bare "
+                   "model's readings, in nats on average (the gate refuses a block that loses too much).")]
     if not any(row.judged for row in rows):
         lines += ["", NOTHING_TO_PLOT[0].upper() + NOTHING_TO_PLOT[1:] + "."]
     return "\n".join(lines)

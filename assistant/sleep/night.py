@@ -74,6 +74,7 @@ class SleepReport:
     run: int | None = None
     training: dict = field(default_factory=dict)
     dreaming: dict = field(default_factory=dict)
+    reading_change: float | None = None  # nats the block's in-context reading moved against the bare model
 
     def record(self) -> dict:
         return asdict(self)
@@ -155,7 +156,7 @@ class Night:
         v = self.verdict
         return SleepReport("promoted" if v.promote else "rejected", version, self.sessions, v.recall_before,
                            v.recall_after, v.retention, v.in_context_before, v.in_context_after, reason=v.reason,
-                           training=self.training, dreaming=self.dreaming)
+                           training=self.training, dreaming=self.dreaming, reading_change=v.reading_change)
 
     def replayed(self) -> list[Probe]:
         """The earlier answers replayed tonight: those taught on earlier nights and still true
