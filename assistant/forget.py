@@ -105,13 +105,24 @@ def finished(store: Store, forgotten: Forgotten) -> None:
         store.sleep.set_forget_status(forgotten.forget_id, "done")
 
 
-def finish_interrupted(store: Store) -> list[str]:
-    """Finish the file step of every forget a kill cut short; one line for each, to tell the user."""
+def finish_interrupted(paths: Paths, store: Store) -> list[str]:
+    """Finish the file step of every forget a kill cut short; one line for each, to tell the user.
+    A forget still running holds the sleep lock (as does a night): then it is left to finish itself."""
+    from assistant.sleep import SleepBusy, sleep_lock
+
+    pending = store.sleep.forgets("deleting")
+    if not pending:
+        return []
+    try:
+        lock = sleep_lock(paths)
+    except SleepBusy:
+        return []
     told = []
-    for row in store.sleep.forgets("deleting"):
-        _finish_files(store, row["id"], row["plan"]["files"])
-        told.append(f"finished forgetting session {row['session_id']} (it was interrupted): "
-                    f"its adapter blocks and text are gone")
+    with lock:
+        for row in store.sleep.forgets("deleting"):
+            _finish_files(store, row["id"], row["plan"]["files"])
+            told.append(f"finished forgetting session {row['session_id']} (it was interrupted): "
+                        f"its adapter blocks and text are gone")
     return told
 
 

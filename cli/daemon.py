@@ -37,7 +37,7 @@ async def _serve(paths: Paths, config: Config, say: Callable[[str], None]) -> No
     from assistant.forget import finish_interrupted
 
     with open_store(paths, config) as store:
-        for line in finish_interrupted(store):
+        for line in finish_interrupted(paths, store):
             say(f"somnus: {line}")
         scheduler = SleepScheduler(
             paths, config, store,

@@ -680,7 +680,7 @@ def _open_store(ws: Workspace) -> Iterator[Store]:
         if store.sleep.forgets("deleting"):  # a forget a kill cut short is finished before anything else
             from assistant.forget import finish_interrupted
 
-            for line in finish_interrupted(store):
+            for line in finish_interrupted(ws.paths, store):
                 print(f"somnus: {line}", file=sys.stderr)
         yield store
 

@@ -729,14 +729,17 @@ def test_a_forget_killed_at_any_point_leaves_the_old_state_or_the_next_start_fin
                              "after" if target == "shutil.rmtree" else "before"], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     day.store = open_store(day.paths, day.config)
-    told = forget.finish_interrupted(day.store)  # what every start does first
+    if point == "after the transaction, before any file":  # a forget or a night that holds the lock is left alone
+        with sleep_lock(day.paths):
+            assert forget.finish_interrupted(day.paths, day.store) == [] and day.blocks_on_disk()
+    told = forget.finish_interrupted(day.paths, day.store)  # what every start does first
     assert day.store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     if point == "inside the store's transaction":
         assert told == [] and day.live_state() == before and recalls(worn(day), PORTO)
         assert sorted(s["id"] for s in day.store.sessions()) == [porto, rex, zara]
         return
     assert told == [f"finished forgetting session {porto} (it was interrupted): its adapter blocks and text are gone"]
-    assert forget.finish_interrupted(day.store) == [] and day.store.sleep.forgets()[0]["status"] == "relearning"
+    assert forget.finish_interrupted(day.paths, day.store) == [] and day.store.sleep.forgets()[0]["status"] == "relearning"
     assert day.store.sleep.live_adapter() is None and adapters.live_stack(day.store).blocks == ()
     assert sorted(s["id"] for s in day.store.sessions()) == [rex, zara] and day.pending() == [rex, zara]
     assert files_holding(day.paths.home, "Porto") == [] and day.manifests() == {}

@@ -113,8 +113,9 @@ class SomnusApp(SlashCommands, App[None]):
     def on_ready(self) -> None:
         """After the first frame: loading the model (torch's import holds the GIL for seconds) would
         otherwise delay the prompt the user is waiting to type into."""
-        for line in self.journal.crashed() + finish_interrupted(self.store):  # after the first frame: a notice
-            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)  # sent before it is never shown
+        # After the first frame: a notice sent before it is never shown.
+        for line in self.journal.crashed() + finish_interrupted(self.paths, self.store):
+            self.notify(line[0].upper() + line[1:], severity="warning", timeout=15)
         self._load_engine()
         self.scheduler.start()
         self.set_interval(30, self.refresh_status)

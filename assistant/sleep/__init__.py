@@ -11,6 +11,6 @@ off every night (the lock), and word what a night's consolidation kept.
 """
 
 from assistant.sleep.gate import kept_training
-from assistant.sleep.runner import is_sleeping, sleep_lock, sleep_now, start_sleep
+from assistant.sleep.runner import SleepBusy, is_sleeping, sleep_lock, sleep_now, start_sleep
 
-__all__ = ["is_sleeping", "kept_training", "sleep_lock", "sleep_now", "start_sleep"]
+__all__ = ["SleepBusy", "is_sleeping", "kept_training", "sleep_lock", "sleep_now", "start_sleep"]
