@@ -270,6 +270,9 @@ def test_a_night_whose_sessions_hold_nothing_to_ask_grows_no_block(day):
     assert report.status == "nothing" and report.reason.startswith("the teacher found nothing")
     assert day.store.sleep.adapters() == [] and day.manifests() == {} and day.blocks_on_disk() == set()
     assert fake.night.closed and fake.night.calls["train_step"] == 0
+    assert day.pending() == []  # the bare model holds it: the next night does not read it again
+    later = day.session(PORTO.said)
+    assert day.pending() == [later] and day.sleep(learner()).sessions == [later]
 
 
 @pytest.mark.parametrize("invented", ["Paris, I think.", "You live in Paris."])

@@ -176,9 +176,12 @@ class Night:
             return False
 
     def nothing(self, reason: str) -> SleepReport:
-        """No block: what the sessions say is already answered; the live adapter is recorded as holding it."""
+        """No block: what the sessions say is already answered; the live adapter (or, before the first
+        one, the bare model) is recorded as holding it, so later nights do not read them again."""
         if (live := self.store.sleep.live_adapter()) is not None:
             self.store.sleep.record_consolidation(live["id"], self.learnt())
+        else:
+            self.store.sleep.settle(self.learnt())
         return SleepReport("nothing", sessions=self.sessions, reason=reason)
 
 

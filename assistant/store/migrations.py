@@ -156,3 +156,9 @@ def m006_forgets(db: Database) -> None:
         pk="id",
         not_null={"session_id", "created", "status", "plan"},
     )
+
+
+@migration
+def m007_settled_sessions(db: Database) -> None:
+    db["settled"].create({"session_id": int, "last_message_id": int}, pk="session_id",
+                         foreign_keys=[("session_id", "sessions", "id")], not_null={"last_message_id"})

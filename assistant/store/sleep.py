@@ -29,8 +29,10 @@ _LIVE_LINEAGE = """
         JOIN lineage ON adapters.version = lineage.parent_version
     ),
     consolidated AS (
-        SELECT session_id, max(last_message_id) AS last_message_id FROM adapter_sessions
-        WHERE adapter_id IN (SELECT id FROM lineage) GROUP BY session_id
+        SELECT session_id, max(last_message_id) AS last_message_id FROM (
+            SELECT session_id, last_message_id FROM adapter_sessions WHERE adapter_id IN (SELECT id FROM lineage)
+            UNION ALL SELECT session_id, last_message_id FROM settled
+        ) GROUP BY session_id
     )
 """
 
@@ -165,6 +167,14 @@ class SleepLedger:
         with self._store.transaction() as db:
             db["adapter_sessions"].insert_all(rows, replace=True)
 
+    def settle(self, last_message_ids: Mapping[int, int]) -> None:
+        """Record that the bare model already answers what each session said, up to its given message:
+        with no live adapter to hold them, nights would read these sessions again and again."""
+        rows = [{"session_id": session_id, "last_message_id": message_id}
+                for session_id, message_id in last_message_ids.items()]
+        with self._store.transaction() as db:
+            db["settled"].insert_all(rows, replace=True)
+
     def unconsolidated_sessions(self) -> list[dict]:
         """Sessions with complete messages that the live adapters (and their ancestors) have not learnt.
 
@@ -235,6 +245,7 @@ class SleepLedger:
                        "WHERE adapter_sessions.session_id = ?))", [session_id, session_id])
             db.execute("DELETE FROM messages WHERE session_id = ?", [session_id])
             db.execute("DELETE FROM adapter_sessions WHERE session_id = ?", [session_id])
+            db.execute("DELETE FROM settled WHERE session_id = ?", [session_id])
             db.execute("DELETE FROM sessions WHERE id = ?", [session_id])
             if forgotten:
                 db.execute(f"UPDATE adapters SET status = 'forgotten' WHERE id IN ({marks})", forgotten)
