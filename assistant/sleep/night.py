@@ -42,7 +42,7 @@ class SleepSettings:
     lr: float = 3e-4  # Adam on the new block only (LoRA on a pretrained model); zero-init B keeps the first step harmless
     max_steps: int = 400  # training stops here or at the budget, whichever comes first
     batch_size: int = 8  # rows per step, tonight's and replayed and anchors together
-    question_lists: int = 3  # lists of questions the teacher writes per window (one greedy, the rest sampled)
+    question_lists: int = 1  # lists of questions the teacher writes per window and wording (one greedy, the rest sampled)
     probe_share: float = 0.3  # of each session's questions, held out for the gate and never trained on
     grounding: float = 2.0  # nats the session must add to an answer for it to be taught (7x more likely)
     replay_share: float = 0.5  # of a batch, earlier nights' answers, held to the live stack
