@@ -191,5 +191,6 @@ def test_a_quick_run_is_one_night_of_the_methods_a_user_weighs(tiny_model_dir, t
     generated = report["generated"]
     assert set(generated["methods"]) == {"in_context", "floor", "retrieval", "sleep", "finetune"}
     assert generated["nights"] == 1 and generated["ablations"] == {} and generated["supersession"] is None
+    assert generated["forget"] is None  # a forget costs a night: the full run measures it
     assert report["settings"]["budget_minutes"] == 1 and report["settings"]["quick"] is True
     assert "--quick" in report["babi"]["skipped"]

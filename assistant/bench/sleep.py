@@ -32,9 +32,10 @@ first night minus after the last, in points; ``seconds_per_night`` = the median 
 ``each_night`` = every night's probes asked of the live adapter right after that night, pooled, and
 their CR against the bare model reading the same probes in context and alone: one night's
 consolidation measured on all the nights, where night 1 alone asks too few (3 or 4 on bAbI);
-``forget`` = after the last night, its first session forgotten as `somnus forget` does: recall of
-its probes (against the bare model's floor on them) and of the night's other probes, before and
-after, and the files under the data folder still holding a sentence of it (none, if it works).
+``forget`` (not in a quick run: it costs a night) = after the last night, its first session
+forgotten as `somnus forget` does: recall of its probes (against the bare model's floor on them)
+and of the night's other probes, before and after, and the files under the data folder still
+holding a sentence of it (none, if it works).
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
     fresh = (bench.fresh_sessions, bench.seed + 1)
     before = isolated(bare_in_context, config, fresh, say=say)["in_context"]
     bare = isolated(nightly_readings, config, nights, say=say)
-    slept = isolated(sleeping, config, nights, settings, fresh, say=say, forgetting=True)
+    slept = isolated(sleeping, config, nights, settings, fresh, say=say, forgetting=not bench.quick)
     first = slept["per_night"][0]
     methods["sleep"] = {key: first[key] for key in NIGHT_KEYS}
     methods["finetune"] = isolated(finetuning, config, nights[0], first["seconds"], settings, say=say)
@@ -562,7 +563,7 @@ def measure(config: Config, nights: Sequence[Night], bench: BenchSettings, say: 
         "nights": len(nights),
         "seconds_per_night": round(statistics.median(n["seconds"] for n in slept["per_night"]), 1),
         "per_night": slept["per_night"],
-        "forget": slept["forgotten"],
+        "forget": slept.get("forgotten"),
         "ablations": ablations,
         "skipped": None,
     }
