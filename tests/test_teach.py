@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -235,10 +236,17 @@ def test_sampled_lists_add_their_questions_once():
     [written] = teach.write_questions(trainer, render_chat, contexts, 3, random.Random(0))
     assert written == ["What is my dog's name?", "Where do I live?"]
     samplings = [g.sampling for g in trainer.night.generated]
-    assert [s.temperature for s in samplings] == [0.0, 0.8, 0.8] * len(teach.REQUESTS)  # each wording
+    assert [s.temperature for s in samplings] == [0.0, 0.0, 0.8, 0.8, 0.8, 0.8]  # a greedy pass, then two sampled
     asked = [g.prompt for g in trainer.night.generated]
     assert all(any(request in prompt for prompt in asked) for request in teach.REQUESTS)
     assert teach.write_questions(trainer, render_chat, [], 3, random.Random(0)) == []
+
+
+def test_sampled_lists_are_written_only_while_the_clock_allows():
+    trainer = FakeTrainer([DOG, LISBON])
+    contexts = [knowledge_context(_user(DOG.said, LISBON.said))]
+    teach.write_questions(trainer, render_chat, contexts, 3, random.Random(0), until=time.monotonic())
+    assert [g.sampling.temperature for g in trainer.night.generated] == [0.0] * len(teach.REQUESTS)
 
 
 def test_nothing_new_in_a_session_is_no_lesson():

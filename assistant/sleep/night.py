@@ -31,6 +31,9 @@ Progress = Callable[[str, float, str], None]  # (stage, fraction done, message)
 # The MLP projections only: adapting attention too cost in-context reading (docs/decisions.md).
 MLP = ("gate_proj", "up_proj", "down_proj")
 MIN_PROBES = 4  # held-out questions a night needs to be judged on them alone
+# Of the night's budget, what writing sampled question lists may take: they widened nano's questions
+# for no recall and cost Qwen half its training time (docs/decisions.md).
+WRITING_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class SleepSettings:
     lr: float = 3e-4  # Adam on the new block only (LoRA on a pretrained model); zero-init B keeps the first step harmless
     max_steps: int = 400  # training stops here or at the budget, whichever comes first
     batch_size: int = 8  # rows per step, tonight's and replayed and anchors together
-    question_lists: int = 1  # lists of questions the teacher writes per window and wording (one greedy, the rest sampled)
+    question_lists: int = 3  # per window and wording: one greedy, the rest sampled while a tenth of the budget lasts
     probe_share: float = 0.3  # of each session's questions, held out for the gate and never trained on
     grounding: float = 2.0  # nats the session must add to an answer for it to be taught (7x more likely)
     replay_share: float = 0.5  # of a batch, earlier nights' answers, held to the live stack
@@ -124,6 +127,10 @@ class Night:
     def scales(self) -> list[float]:
         """The frozen blocks' scales, as the live stack wears them."""
         return [block.scale for block in self.stack.adapters()]
+
+    def writing_deadline(self) -> float:
+        """When the teacher's sampled question lists must end: a tenth of the night's budget."""
+        return self.started + WRITING_SHARE * self.settings.budget_minutes * 60
 
     def left(self) -> float:
         """Seconds left of the night's budget."""

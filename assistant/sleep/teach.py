@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -73,21 +74,29 @@ def session_contexts(trainer: BlockTrainer, render: Render, messages: Sequence[d
 
 
 def write_questions(trainer: BlockTrainer, render: Render, contexts: Sequence[list[dict]], lists: int,
-                    rng: random.Random) -> list[list[str]]:
-    """For each context, the questions the teacher writes about it: ``lists`` lists for each of the
-    ``REQUESTS`` (a greedy one, then sampled ones)."""
+                    rng: random.Random, until: float | None = None) -> list[list[str]]:
+    """For each context, the questions the teacher writes about it: for each of the ``REQUESTS`` a
+    greedy list, then up to ``lists - 1`` sampled ones while the clock allows (``until``, a
+    ``time.monotonic()`` value: one more pass is sampled only if it can end by then, judged by the
+    greedy pass's time). On a fast model the samples widen the questions; on a slow one the night
+    keeps its time for training."""
     if not contexts:
         return []
     written: list[list[str]] = [[] for _ in contexts]
-    for request in REQUESTS:
-        prompts = [render(ctx + user_turn(request)) for ctx in contexts]
-        for index, text in enumerate(trainer.generate(prompts, QUESTIONS, new_block=False)):
-            written[index].append(text)
-        if lists > 1:
-            sampling = replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31))
-            sampled = trainer.generate([p for p in prompts for _ in range(lists - 1)], sampling, new_block=False)
-            for index, text in enumerate(sampled):
-                written[index // (lists - 1)].append(text)
+    prompts = [[render(ctx + user_turn(request)) for ctx in contexts] for request in REQUESTS]
+
+    def write(sampling: Sampling) -> None:
+        for batch in prompts:
+            for index, text in enumerate(trainer.generate(batch, sampling, new_block=False)):
+                written[index].append(text)
+
+    started = time.monotonic()
+    write(QUESTIONS)
+    took = time.monotonic() - started
+    for _ in range(lists - 1):
+        if until is not None and time.monotonic() + took > until:
+            break
+        write(replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31)))
     return [list(dict.fromkeys(q for text in texts for q in parse_questions(text))) for texts in written]
 
 
@@ -107,10 +116,11 @@ def answer(trainer: BlockTrainer, render: Render, asked: Sequence[tuple[int, lis
 
 
 def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]], *,
-               lists: int, grounding: float, rng: random.Random) -> list[Lesson]:
-    """Tonight's lessons, oldest session first; a question two sessions answer keeps the newer answer."""
+               lists: int, grounding: float, rng: random.Random, until: float | None = None) -> list[Lesson]:
+    """Tonight's lessons, oldest session first; a question two sessions answer keeps the newer answer.
+    ``until``: when sampled question lists must end (``write_questions``)."""
     contexts = [(sid, ctx) for sid, messages in sessions for ctx in session_contexts(trainer, render, messages)]
-    written = write_questions(trainer, render, [ctx for _, ctx in contexts], lists, rng)
+    written = write_questions(trainer, render, [ctx for _, ctx in contexts], lists, rng, until)
     asked = [(sid, ctx, q) for (sid, ctx), qs in zip(contexts, written)
              for q in dict.fromkeys(_asked_by_user(ctx) + qs)]
     newest = {lesson.question: lesson for lesson in answer(trainer, render, asked, grounding)}
