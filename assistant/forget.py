@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant.adapters import Stack, load_stack, orphan_blocks
-from assistant.config import Paths, SomnusError
+from assistant.config import Paths
 from assistant.store import Store
 
 
@@ -35,8 +35,7 @@ class Plan:
     session_id: int
     forgotten: tuple[int, ...] = ()  # adapter ids
     versions: tuple[int, ...] = ()  # their version numbers, for the user
-    live: int | None = None  # the adapter id live afterwards (None: the bare model or unchanged)
-    live_changes: bool = False
+    live: int | None = None  # the adapter id that goes live when the live one is forgotten (None: the bare model)
     files: tuple[str, ...] = ()  # block folders and manifests to delete
     nights: tuple[tuple[int, ...], ...] = ()
 
@@ -77,10 +76,10 @@ def plan(paths: Paths, store: Store, session_id: int) -> Plan:
     for dropped in reversed(lineage):  # oldest first, each the sessions its own block learnt
         stack = stacks[dropped["id"]]
         learnt = stack.blocks[-1].sessions if stack and stack.blocks else dropped["sessions"]
-        if others := tuple(sid for sid in learnt if sid != session_id and _stored(store, sid)):
+        if others := tuple(sid for sid in learnt if sid != session_id and store.has_session(sid)):
             nights.append(others)
     return Plan(session_id, tuple(sorted(reached)), _versions(rows, reached), None if row is None else row["id"],
-                True, tuple(files), tuple(nights))
+                tuple(files), tuple(nights))
 
 
 def forget(paths: Paths, store: Store, session_id: int) -> Forgotten:
@@ -92,8 +91,7 @@ def forget(paths: Paths, store: Store, session_id: int) -> Forgotten:
     with sleep_lock(paths):
         chosen = plan(paths, store, session_id)
         messages = len(store.messages(session_id))
-        forget_id = store.sleep.forget(session_id, forgotten=chosen.forgotten,
-                                       live=chosen.live if chosen.live_changes else None, plan=chosen.record())
+        forget_id = store.sleep.forget(session_id, forgotten=chosen.forgotten, live=chosen.live, plan=chosen.record())
         _finish_files(store, forget_id, chosen.files)
     return Forgotten(session_id, messages, list(chosen.versions), len(chosen.files),
                      [list(n) for n in chosen.nights], forget_id)
@@ -156,11 +154,3 @@ def _names(stack: Stack, session_id: int) -> bool:
 
 def _versions(rows: dict, reached: set[int]) -> tuple[int, ...]:
     return tuple(sorted(rows[i]["version"] for i in reached))
-
-
-def _stored(store: Store, session_id: int) -> bool:
-    try:
-        store.session(session_id)
-    except SomnusError:
-        return False
-    return True

@@ -487,9 +487,8 @@ def forget(
     if is_sleeping(ws.paths):
         raise SomnusError("a sleep is running (it may be learning this very session); forget after it ends")
     with _open_store(ws) as store:
-        chosen = forgetting.plan(ws.paths, store, session_id)
-        if not yes:
-            _confirm_forget(store.session(session_id), chosen)
+        if not yes:  # what it would drop, to ask; the forget plans again under the sleep lock
+            _confirm_forget(store.session(session_id), forgetting.plan(ws.paths, store, session_id))
         done = forgetting.forget(ws.paths, store, session_id)
     reached = f"adapter version(s) {', '.join(map(str, done.versions))} deleted" if done.versions else "no adapter had learnt it"
     print(f"forgot session {session_id}: {done.messages} message(s) gone from the store and its search; {reached}")

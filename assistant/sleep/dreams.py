@@ -74,7 +74,8 @@ class Dream:
     def journal(self) -> dict:
         """The dream as the journal stores it."""
         return {"question": self.question, "source": self.source, "session_id": self.session_id,
-                "reference": self.reference, "score": self.score, "kept": self.kept, "reward": self.reward, "scales": self.scales}
+                "reference": self.reference, "score": self.score, "kept": self.kept, "reward": self.reward,
+                "scales": self.scales}
 
 
 @dataclass

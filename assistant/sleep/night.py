@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from assistant import adapters
 from assistant.adapters import Stack
-from assistant.config import Config, Paths, SomnusError
+from assistant.config import Config, Paths
 from assistant.models import (
     Model,
     local_model,
@@ -177,10 +177,7 @@ class Night:
 
     def exists(self, session_id: int | None) -> bool:
         """Whether an earlier answer's session is still stored: a deleted session's answers are not replayed."""
-        try:
-            return session_id is not None and bool(self.store.session(session_id))
-        except SomnusError:
-            return False
+        return session_id is not None and self.store.has_session(session_id)
 
     def nothing(self, reason: str) -> SleepReport:
         """No block: what the sessions say is already answered; the live adapter (or, before the first

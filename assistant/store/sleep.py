@@ -232,7 +232,8 @@ class SleepLedger:
         """A forget's first step, in ONE transaction: the session's rows leave (messages and their
         search index, provenance, its lines of the dream journal), the adapter versions in
         ``forgotten`` (ids) are marked so and can never be live again, ``live`` (an id; None: the
-        bare model) becomes the live version, and ``plan`` (the files left to delete) is recorded.
+        bare model) becomes the live version if the live one was among them, and ``plan`` (the
+        files left to delete) is recorded.
         Returns the forget's id; a kill before the commit leaves everything as it was."""
         forgotten = list(forgotten)
         marks = ",".join("?" * len(forgotten))

@@ -91,6 +91,10 @@ class Store:
             raise StoreError(f"no session {session_id} in {self.path} (see `somnus sessions`)")
         return rows[0]
 
+    def has_session(self, session_id: int) -> bool:
+        with self.reading() as db:
+            return db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is not None
+
     def sessions(self, limit: int | None = None) -> list[dict]:
         """Sessions, the most recently active first, with their message count and last reply.
 
