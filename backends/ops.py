@@ -13,7 +13,7 @@ gives a floating array with ``like``'s dtype and device (float32 on the default 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,9 @@ class ArrayOps:
     mean: Callable[..., Any]  # (x, axis=None)
     clip: Callable[..., Any]  # (x, low=None, high=None)
     stop_gradient: Callable[[Any], Any]
+    # (rows of [T_i, V], width) -> [len(rows), width, V] float32, each row zero-padded to width
+    stack_rows: Callable[[Sequence[Any], int], Any]
+    to_compact: Callable[[Any], Any]  # a copy in float16, to keep (e.g. a cached teacher's log-probabilities)
 
 
 @functools.cache
@@ -49,6 +52,9 @@ def _torch_ops() -> ArrayOps:
     def take_along_last_axis(x, indices):
         return torch.gather(x, -1, torch.as_tensor(indices, device=x.device).long().unsqueeze(-1)).squeeze(-1)
 
+    def stack_rows(rows, width):
+        return torch.stack([torch.nn.functional.pad(r.float(), (0, 0, 0, width - r.shape[0])) for r in rows])
+
     return ArrayOps(
         name="torch",
         asarray=asarray,
@@ -61,6 +67,8 @@ def _torch_ops() -> ArrayOps:
         mean=lambda x, axis=None: x.mean() if axis is None else x.mean(dim=axis),
         clip=lambda x, low=None, high=None: torch.clamp(x, min=low, max=high),
         stop_gradient=torch.Tensor.detach,
+        stack_rows=stack_rows,
+        to_compact=lambda x: x.detach().to(torch.float16).clone(),
     )
 
 
@@ -80,6 +88,9 @@ def _mlx_ops() -> ArrayOps:
         indices = mx.array(indices).astype(mx.int32)
         return mx.take_along_axis(x, mx.expand_dims(indices, -1), axis=-1).squeeze(-1)
 
+    def stack_rows(rows, width):
+        return mx.stack([mx.pad(r.astype(mx.float32), [(0, width - r.shape[0]), (0, 0)]) for r in rows])
+
     return ArrayOps(
         name="mlx",
         asarray=asarray,
@@ -92,6 +103,8 @@ def _mlx_ops() -> ArrayOps:
         mean=lambda x, axis=None: mx.mean(x, axis=axis),
         clip=lambda x, low=None, high=None: mx.clip(x, low, high),
         stop_gradient=mx.stop_gradient,
+        stack_rows=stack_rows,
+        to_compact=lambda x: mx.stop_gradient(x).astype(mx.float16),
     )
 
 

@@ -97,3 +97,31 @@ def test_a_seeding_step_takes_the_papers_objective_with_each_term_on_its_own_row
         loss = seeding.seeding_step(trainer, rows, group if with_group else None, settings, random.Random(0), marker)
         assert loss == pytest.approx(wanted, rel=1e-4)
     trainer.close()
+
+
+def test_the_teachers_cache_gives_what_the_teacher_computes_and_asks_it_once_per_fixed_row(tiny_model_dir):
+    trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu")
+    render = trainer.render_chat
+    rows = [Row(render([{"role": "user", "content": f"I live in {city}. Where do I live?"}]),
+                render([{"role": "user", "content": "Where do I live?"}]), f"You live in {city}.")
+            for city in ("Quito", "Lima, in Peru")]
+    seeding.prepare(trainer, rows, "")
+    calls = []
+    real = trainer.completion_logits
+    trainer.completion_logits = lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)
+    cache = seeding.TeacherCache(trainer)
+    sampled = trainer.encode(" no idea")
+    answers = [rows[0].answer_ids, sampled, rows[1].answer_ids]
+    batch = [rows[0], rows[1], rows[1]]
+    first = cache(batch, answers, fixed=[True, False, True])
+    expected, _ = real([r.teacher_ids for r in batch], answers, new_block=False)
+    for i, answer in enumerate(answers):  # float16 log-probabilities: exact to about 1e-2 nats in the tail
+        assert torch.allclose(first[i, : len(answer)], torch.log_softmax(expected[i, : len(answer)], -1), atol=2e-2)
+    again = cache(batch, answers, fixed=[True, False, True])
+    assert calls == [3, 1]  # the second batch asked the teacher only for the sampled completion
+    assert torch.allclose(first, again, atol=2e-2)
+    assert not torch.equal(first[1], first[2])  # a row's sampled completion is not mistaken for its fixed one
+    unkept = seeding.TeacherCache(trainer, limit=0)
+    unkept(batch, answers, fixed=[True, False, True])
+    assert unkept.kept == {} and unkept.used == 0  # nothing kept past the limit
+    trainer.close()

@@ -1,11 +1,10 @@
 """One night, in the paper's words: teach, consolidate, dream, gate, promote (or keep the old).
 
-The cycle runs in the sleep process (``assistant.sleep.runner``), never in the chat's. It reads the
-sessions no live adapter has learnt, grows a zero-init block on the frozen live stack and trains it
-to answer without the session as the teacher answers with it. Every file it writes appears whole or
-not at all and the promotion is one database transaction, so a sleep killed at any point leaves the
-store and the live adapter exactly as they were. Each stage is a function of the night; a stage
-that finds nothing to do sets the night's report and the rest are skipped.
+Runs in the sleep process (``assistant.sleep.runner``), never in the chat's: grows a zero-init block
+on the frozen live stack for the sessions no live adapter has learnt, and trains it to answer without
+a session as the teacher answers with it. Each file it writes appears whole or not at all and the
+promotion is one transaction, so a killed sleep leaves the store and the live adapter as they were.
+Each stage is a function of the night; one that finds nothing to do sets the report, and it ends.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ __all__ = ["SleepReport", "SleepSettings", "sleep_cycle"]
 
 
 def teach(night: Night) -> None:
-    """The teacher writes and answers tonight's questions; earlier answers tonight contradicts leave."""
+    """The teacher writes, answers and rewords tonight's questions; earlier answers it contradicts leave."""
     night.say("teach", 0.02, f"reading {len(night.sessions)} session(s) and writing questions about them")
     tonight = {sid: [m for m in night.store.messages(sid) if m["status"] == "complete"] for sid in night.sessions}
     s = night.settings
@@ -39,7 +38,8 @@ def teach(night: Night) -> None:
         return
     night.lessons, held = teaching.hold_out(lessons, s.probe_share, night.rng)
     night.probes = held + teaching.rephrased(night.trainer, night.render, night.lessons, held, s.grounding)
-    earlier = night.earlier_answers(asked={lesson.question for lesson in lessons})
+    night.lessons += teaching.variants(night.trainer, night.render, night.lessons, night.questions(), s.grounding)
+    earlier = night.earlier_answers(asked=night.questions())
     night.say("teach", 0.08, f"reading {len(earlier)} earlier answer(s) against tonight's sessions")
     then = {sid: said(night.store.messages(sid)) for sid in {p.session_id for p in earlier}}
     stale = supersede.superseded(night.trainer, night.render, earlier, then,

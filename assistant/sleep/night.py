@@ -142,6 +142,10 @@ class Night:
     def say(self, stage: str, fraction: float, message: str) -> None:
         self.progress(stage, fraction, f"{message} ({max(0, self.left()) / 60:.1f} min left)")
 
+    def questions(self) -> set[str]:
+        """The questions tonight teaches or holds out."""
+        return {lesson.question for lesson in self.lessons} | {probe.question for probe in self.probes}
+
     def earlier_answers(self, asked: set[str]) -> list[Probe]:
         """Earlier nights' answers (taught and held out) that tonight does not ask again and whose
         session is still stored: a deleted session's answers are neither replayed nor probed."""

@@ -37,6 +37,7 @@ from assistant.sleep import losses, rewards
 from backends.base import BlockTrainer, Sampling
 
 Reward = Callable[[str, str, float], float]  # (candidate, reference, teacher's judgement) -> reward
+TEACHER_CACHE_BYTES = 2 << 30  # the teacher's kept log-probabilities: about 250 answers of 30 tokens on Qwen2.5's vocabulary
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ def consolidate(
     log = SeedingLog()
     started, kept, last = time.monotonic(), 0, 0
     reward = reward_fn or imitation(settings.gamma, settings.threshold)
+    teacher = TeacherCache(trainer)
 
     def done() -> float:  # the share of the training behind us, by steps or by time
         by_time = (time.monotonic() - started) / max(deadline - started, 1e-9) if deadline is not None else 0.0
@@ -158,7 +160,7 @@ def consolidate(
         if settings.lti_every and (step + 1) % settings.lti_every == 0:
             group = _lti_group(trainer, rng.choice(pools["new"]), settings, rng, marker, reward)
             log.lti_rewards.append(sum(group.rewards) / len(group.rewards))
-        log.losses.append(seeding_step(trainer, batch, group, settings, rng, marker))
+        log.losses.append(seeding_step(trainer, batch, group, settings, rng, marker, teacher))
         if kept < settings.checkpoints - 1 and _due(done(), kept, settings):
             kept, last = kept + 1, step + 1
             checkpoint(step + 1)
@@ -197,10 +199,11 @@ def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.R
 
 
 def distill_step(
-    trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str
+    trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str,
+    teacher: TeacherCache | None = None,
 ) -> float:
     """A step of distillation alone (dreaming's anchor)."""
-    return seeding_step(trainer, batch, None, settings, rng, marker)
+    return seeding_step(trainer, batch, None, settings, rng, marker, teacher)
 
 
 def seeding_step(
@@ -210,22 +213,24 @@ def seeding_step(
     settings: SeedingSettings,
     rng: random.Random,
     marker: str,
+    teacher: TeacherCache | None = None,
 ) -> float:
     """One optimiser step on the Knowledge Seeding loss: generalized JSD on a mix of the student's
     samples and the teacher's answers (anchor rows weighted by ``anchor_weight``), plus, given an
     LTI ``group``, its policy-gradient term, the two weighted by alpha
     (``losses.seeding_objective``). Both ride in one batch; each term reads its own rows of the
-    logits. Returns the loss."""
+    logits. ``teacher`` keeps the teacher's log-probabilities of the rows it has seen. Returns the loss."""
     # By position: a batch may draw a row twice, and each draw is sampled (or not) on its own.
     on_policy = [i for i, row in enumerate(batch) if row.kind == "new" and rng.random() < settings.on_policy]
     answers = [row.answer_ids for row in batch]
+    fixed = [i not in on_policy for i in range(len(batch))]
     if on_policy:
         sampling = Sampling(max_tokens=settings.max_answer_tokens, temperature=settings.sample_temperature,
                             seed=rng.randrange(2**31))
         texts = trainer.generate([batch[i].student_prompt for i in on_policy], sampling, new_block=True)
         for i, text in zip(on_policy, texts):
             answers[i] = trainer.encode(text + marker)
-    teacher_logits, _ = trainer.completion_logits([r.teacher_ids for r in batch], answers, new_block=False)
+    teacher_logits = (teacher or TeacherCache(trainer, limit=0))(batch, answers, fixed)
     rows, width = len(batch), max(len(answer) for answer in answers)
     prefixes, targets = [r.student_ids for r in batch], list(answers)
     if group is not None and group.teaches:
@@ -247,6 +252,38 @@ def seeding_step(
         return losses.seeding_objective(ops, imitation_term, divergence, settings.alpha)
 
     return trainer.train_step(prefixes, targets, loss_fn)
+
+
+class TeacherCache:
+    """The teacher's log-probabilities over a batch's completions, kept for the fixed rows.
+
+    A fixed row (its completion is the teacher's own answer or an anchor's, not a fresh sample) has
+    the same teacher distribution all night: the teacher is frozen. Its pass over the row's
+    session window is most of an off-policy step on a real model, so it runs once per row and the
+    result is kept in float16 (log-probabilities: exact near 0, where the mass is), up to
+    ``limit`` bytes; past that, rows are computed each time they are drawn."""
+
+    def __init__(self, trainer: BlockTrainer, limit: int = TEACHER_CACHE_BYTES) -> None:
+        self.trainer, self.limit, self.used = trainer, limit, 0
+        self.kept: dict[tuple, object] = {}
+
+    def __call__(self, batch: Sequence[Row], answers: Sequence[Sequence[int]], fixed: Sequence[bool]):
+        """[len(batch), longest answer, V] log-probabilities of the frozen teacher (stack without
+        the new block) over each row's completion in ``answers`` after its teacher prompt."""
+        keys = [(tuple(row.teacher_ids), tuple(answer)) for row, answer in zip(batch, answers)]
+        need = list(dict.fromkeys(i for i, key in enumerate(keys) if not (fixed[i] and key in self.kept)))
+        ops, fresh = self.trainer.ops, {}
+        if need:
+            logits, _ = self.trainer.completion_logits([batch[i].teacher_ids for i in need],
+                                                       [answers[i] for i in need], new_block=False)
+            logprobs = ops.log_softmax(logits)
+            for k, i in enumerate(need):
+                fresh[i] = logprobs[k, : len(answers[i])]
+                size = 2 * len(answers[i]) * logprobs.shape[-1]
+                if fixed[i] and keys[i] not in self.kept and self.used + size <= self.limit:
+                    self.kept[keys[i]], self.used = ops.to_compact(fresh[i]), self.used + size
+        rows = [fresh[i] if i in fresh else self.kept[key] for i, key in enumerate(keys)]
+        return ops.stack_rows(rows, max(len(answer) for answer in answers))
 
 
 @dataclass
