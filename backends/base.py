@@ -127,6 +127,7 @@ class BlockTrainer(Protocol):
     name: str
     ops: object  # backends.ops.ArrayOps
     context_length: int
+    precision: str  # the frozen weights' dtype ("float32", "bfloat16"): likelihoods kept across nights depend on it
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` through the model's own chat template."""

@@ -88,6 +88,7 @@ class MlxBlockTrainer:
         from backends import ops
 
         self.ops = ops.MLX_OPS
+        self.precision = "float32"
         self.spec = spec
         engine = MlxBackend(Path(hf_dir))  # loads exactly as chatting does
         self.hf_dir, self.model, self.tokenizer = engine.hf_dir, engine.model, engine.tokenizer

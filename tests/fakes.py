@@ -219,6 +219,7 @@ class FakeTrainer:
         context_length: int = 4096,
     ) -> None:
         self.ops = TORCH_OPS
+        self.precision = "float32"
         self.context_length = context_length
         self.facts = list(facts)
         self.learns_after = learns_after

@@ -363,7 +363,7 @@ def test_a_promoted_night_records_its_manifest_block_live_adapter_and_what_it_le
     assert all(p["session_id"] == by_answer[p["reference"]] and p["taught"] > -1 for p in taught + held)
     assert manifest["verdict"]["promote"] and manifest["verdict"]["probes"] >= len(held)
     material = manifest["material"]  # the bare model's answers to the everyday material, for later nights
-    assert material["weights"] == model.weights and material["everyday"] == [UNKNOWN] * len(EVERYDAY)
+    assert material["weights"] == f"{model.weights}/float32" and material["everyday"] == [UNKNOWN] * len(EVERYDAY)
     assert len(material["readings"]) == len(material["base"]) == len(READINGS)
 
     live = day.store.sleep.live_adapter()
@@ -451,7 +451,7 @@ def test_blocks_grown_on_other_weights_are_neither_worn_nor_grown_on(day, tmp_pa
     second = day.manifest(2)
     assert not second["parent"] and [block["sessions"] for block in second["blocks"]] == [[session]]
     assert answers(second["taught"] + second["probes"], "reference") == {REX.answer}  # nothing of the old stack's
-    assert second["material"]["weights"] == resolve_model(str(retrained), day.paths).weights
+    assert second["material"]["weights"] == f"{resolve_model(str(retrained), day.paths).weights}/float32"
 
 
 # -- what later nights replay ------------------------------------------------------------------------

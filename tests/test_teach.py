@@ -286,21 +286,3 @@ def test_a_rephrasing_whose_answer_the_session_does_not_ground_is_no_probe():
     [dog] = teach.answer(trainer, render_chat, _asked(1, DOG.said, "What is my dog called?"), GROUNDING)
     assert teach.rephrased(trainer, render_chat, [dog], [], GROUNDING) == []
 
-
-# -- variants ------------------------------------------------------------------------------------------
-
-def test_the_teachers_other_wordings_are_taught_with_the_same_answer_when_the_session_grounds_it():
-    def respond(turns, new_block):
-        if turns[-1]["content"] == teach.VARY.format("What is my dog called?"):
-            return ("1. What is my dog's name?\n2. What is my fish called?\n3. What is my dog called?\n"
-                    "4. Which name did I give my dog?\n5. How is my dog named?")
-        return None
-    trainer = FakeTrainer([DOG, CAT], respond=respond)
-    [dog] = teach.answer(trainer, render_chat, _asked(1, DOG.said + " " + CAT.said, "What is my dog called?"), GROUNDING)
-    taught = teach.variants(trainer, render_chat, [dog], {"Which name did I give my dog?"}, GROUNDING)
-    # a question the session does not answer does not ground the dog's answer; the question itself and a held-out
-    # probe are not taught again; a fifth line is past the three asked for
-    assert [(v.question, v.answer, v.session_id, v.context) for v in taught] == [
-        ("What is my dog's name?", DOG.answer, 1, dog.context)]
-    assert taught[0].evidence >= GROUNDING
-    assert teach.variants(trainer, render_chat, [], set(), GROUNDING) == []

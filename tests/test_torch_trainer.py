@@ -249,3 +249,24 @@ def test_saved_block_runs_on_llama_cpp(trainer, backend, frozen, tmp_path):
         torch.testing.assert_close(worn, expected, rtol=0, atol=1e-4)
     finally:
         llama.close()
+
+
+def test_a_bf16_trainer_keeps_the_zero_init_exact_trains_its_fp32_block_and_is_chosen_only_where_it_pays(tiny_model_dir):
+    trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu",
+                                precision="bf16")
+    assert trainer.precision == "bfloat16" and all(p.dtype == torch.float32 for p in trainer.new_parameters)
+    prefix, completion = [trainer.encode("Where do I live?")], [trainer.encode(" In Quito.")]
+    frozen, _ = trainer.completion_logits(prefix, completion, new_block=False)
+    grown, _ = trainer.completion_logits(prefix, completion, new_block=True)
+    assert torch.equal(frozen, grown)  # B = 0 adds exact zeros in bf16 too
+
+    def loss(logits, targets, mask):
+        return -(torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0] * mask).sum() / mask.sum()
+
+    losses = [trainer.train_step(prefix, completion, loss) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    trainer.close()
+    # a tiny model gains nothing from bf16: "auto" leaves it as the chat engine loads it
+    assert TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu").precision == "float32"
+    with pytest.raises(BackendError, match="unknown precision"):
+        TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu", precision="fp8")

@@ -27,7 +27,7 @@ __all__ = ["SleepReport", "SleepSettings", "sleep_cycle"]
 
 
 def teach(night: Night) -> None:
-    """The teacher writes, answers and rewords tonight's questions; earlier answers it contradicts leave."""
+    """The teacher writes and answers tonight's questions; earlier answers tonight contradicts leave."""
     night.say("teach", 0.02, f"reading {len(night.sessions)} session(s) and writing questions about them")
     tonight = {sid: [m for m in night.store.messages(sid) if m["status"] == "complete"] for sid in night.sessions}
     s = night.settings
@@ -38,7 +38,6 @@ def teach(night: Night) -> None:
         return
     night.lessons, held = teaching.hold_out(lessons, s.probe_share, night.rng)
     night.probes = held + teaching.rephrased(night.trainer, night.render, night.lessons, held, s.grounding)
-    night.lessons += teaching.variants(night.trainer, night.render, night.lessons, night.questions(), s.grounding)
     earlier = night.earlier_answers(asked=night.questions())
     night.say("teach", 0.08, f"reading {len(earlier)} earlier answer(s) against tonight's sessions")
     then = {sid: said(night.store.messages(sid)) for sid in {p.session_id for p in earlier}}
@@ -56,8 +55,9 @@ def teach(night: Night) -> None:
 def consolidate(night: Night) -> None:
     """Knowledge Seeding on tonight's rows, replay and everyday anchors, within the night's budget."""
     night.say("consolidate", 0.15, "reading the everyday material with the model as it was")
+    weights = f"{night.model.weights}/{night.trainer.precision}"  # the bare model's likelihoods depend on both
     night.material = reference.bare_answers(night.trainer, night.render, night.material_source, night.scales,
-                                            night.model.weights, night.stack.extra.get("material"))
+                                            weights, night.stack.extra.get("material"))
     night.readings = reference.readings(night.render, night.material_source, night.material)
     night.anchors = [Row(p, p, a, kind="anchor")
                      for p, a in reference.anchors(night.render, night.material_source, night.material)]

@@ -145,29 +145,6 @@ def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], 
     return [lesson.probe() for lesson in _grounded(trainer, render, found, grounding)]
 
 
-VARY = 'Write 3 other ways to ask this question, one per line: "{}"'
-
-
-def variants(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], avoid: set[str],
-             grounding: float) -> list[Lesson]:
-    """More wordings of the taught ``lessons``, taught with the same answers: a block taught one
-    wording of a question answers that wording, and a user asks in their own. The teacher, the
-    window in context, writes the wordings; one counts when the window grounds the same answer for
-    it (``grounding`` nats) and it is not a question already asked or held out (``avoid``)."""
-    if not lessons:
-        return []
-    asked = [render(list(l.context) + user_turn(VARY.format(l.question))) for l in lessons]
-    written = trainer.generate(asked, QUESTIONS, new_block=False)
-    seen = {q.lower() for q in avoid} | {l.question.lower() for l in lessons}
-    found = []
-    for lesson, text in zip(lessons, written):
-        for question in parse_questions(text)[:3]:
-            if question.lower() not in seen:
-                seen.add(question.lower())
-                found.append((lesson, question))
-    return _grounded(trainer, render, found, grounding)
-
-
 def _grounded(trainer: BlockTrainer, render: Render, found: Sequence[tuple[Lesson, str]],
               grounding: float) -> list[Lesson]:
     """Each (lesson, question) as a lesson of that question and the lesson's answer, when the
