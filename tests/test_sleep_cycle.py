@@ -77,7 +77,7 @@ def test_a_night_writes_a_versioned_adapter_and_a_report(tmp_path, nano):
     block = manifest["blocks"][0]
     assert block["sessions"] == [1]
     # what every later night holds reading and anchors to: the bare model's answers, computed once
-    assert manifest["material"]["weights"] == manifest["weights"]
+    assert manifest["material"]["weights"] == f"{manifest['weights']}/float32"  # and the precision read in
     assert len(manifest["material"]["readings"]) == len(manifest["material"]["base"]) > 0
     assert manifest["taught"] and all(p["session_id"] == 1 for p in manifest["taught"])
     assert (home / "adapters" / "blocks" / block["id"] / "adapter_model.safetensors").is_file()

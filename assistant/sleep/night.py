@@ -49,7 +49,7 @@ class SleepSettings:
     probe_share: float = 0.3  # of each session's questions, held out for the gate and never trained on
     grounding: float = 2.0  # nats the session must add to an answer for it to be taught (7x more likely)
     replay_share: float = 0.5  # of a batch, earlier nights' answers, held to the live stack
-    anchor_share: float = 0.25  # of a batch, everyday prompts, held to the live stack
+    anchor_share: float = 0.4  # of a batch, everyday prompts and readings held to the live stack: reading goes first
     imitation: bool = False  # the paper's Learning-to-Imitate term beside distillation (an ablation until it wins)
     dream: bool = False  # stage 2, rehearsal of the model's own dreams (an ablation until it wins)
     retention_tolerance: float = 0.5  # nats an earlier answer may lose on average before a block is refused
