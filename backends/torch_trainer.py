@@ -30,8 +30,8 @@ from backends.base import Adapter, BackendError, LoraSpec, Sampling
 from backends.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraBlock, check_lora_fits, read_lora
 from backends.torch_backend import TorchBackend, peft_wrapping
 
-# Below this size bf16 saves nothing worth its rounding; above it, on a CPU with native bf16, it made
-# a Qwen2.5-0.5B night's decoding 3.2x and its training steps 2.6x faster (docs/decisions.md).
+# On a CPU with native bf16, bf16 weights made SmolLM2-135M's and Qwen2.5-0.5B's sleep 1.7-3.4x faster
+# (docs/decisions.md); a smaller model (nano, the tests' tiny ones) keeps the fp32 its nights were tuned in.
 BF16_MIN_PARAMETERS = 50_000_000
 NEW_BLOCK = "new"  # PEFT adapter name of the trainable block; older blocks are "block0", "block1", ...
 GRAD_CLIP = 1.0  # max L2 norm of the new block's gradient per step: one odd batch cannot wreck the block
@@ -63,13 +63,13 @@ class TorchBlockTrainer:
 
         from backends import ops
 
+        if precision not in ("bf16", "fp32", "auto"):
+            raise BackendError(f"unknown precision {precision!r}: bf16, fp32 or auto")
         self.ops = ops.TORCH_OPS
         self.spec = spec
         engine = TorchBackend(Path(hf_dir), device=device)  # loads exactly as chatting does
         if precision == "bf16" or (precision == "auto" and _bf16_pays(engine)):
             engine.base_model.to(torch.bfloat16)  # before PEFT, which keeps its adapters in fp32
-        elif precision not in ("fp32", "auto"):
-            raise BackendError(f"unknown precision {precision!r}: bf16, fp32 or auto")
         self.precision = str(next(engine.base_model.parameters()).dtype).removeprefix("torch.")
         for block in blocks:  # every folder is checked before the model is touched
             check_lora_fits(block.path, read_lora(block.path), engine.linear_shapes)
