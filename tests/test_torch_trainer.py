@@ -267,6 +267,7 @@ def test_a_bf16_trainer_keeps_the_zero_init_exact_trains_its_fp32_block_and_is_c
     assert losses[-1] < losses[0]
     trainer.close()
     # a tiny model gains nothing from bf16: "auto" leaves it as the chat engine loads it
-    assert TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu").precision == "float32"
+    assert TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu",
+                             precision="auto").precision == "float32"
     with pytest.raises(BackendError, match="unknown precision"):
         TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu", precision="fp8")
