@@ -142,3 +142,20 @@ def test_a_copied_block_comes_back_exactly_and_trains_afresh_on_both_engines(sta
         trainer.train_step(prefixes, completions, cross_entropy)
     after = [as_numpy(t.completion_logits(prefixes, completions, new_block=True)[0]) for t in started]
     np.testing.assert_allclose(after[1], after[0], rtol=0, atol=LOGITS_TOLERANCE)
+
+
+def test_the_teachers_cache_gives_the_same_log_probabilities_on_both_engines(tiny_model_dir):
+    from assistant.sleep import seeding
+
+    trainers = [MlxBlockTrainer(tiny_model_dir, [], SPEC, lr=LR),
+                TorchBlockTrainer(tiny_model_dir, [], SPEC, lr=LR, device="cpu")]
+    kept = []
+    for trainer in trainers:
+        rows = [seeding.Row(trainer.render_chat([{"role": "user", "content": f"I live in {city}. Where?"}]),
+                            "unused", f"In {city}.") for city in ("Quito", "Lima, in Peru")]
+        seeding.prepare(trainer, rows, "")
+        cache = seeding.TeacherCache(trainer)
+        answers = [row.answer_ids for row in rows]
+        cache(rows, answers, fixed=[True, True])
+        kept.append(as_numpy(cache(rows, answers, fixed=[True, True])))  # the second time from the cache
+    assert kept[0].shape == kept[1].shape and np.abs(kept[0] - kept[1]).max() < 2e-2  # float16 log-probabilities
