@@ -285,4 +285,3 @@ def test_a_rephrasing_whose_answer_the_session_does_not_ground_is_no_probe():
     trainer = FakeTrainer([DOG], respond=_rephrasing({"What is my dog called?": "What is my cat called?"}))
     [dog] = teach.answer(trainer, render_chat, _asked(1, DOG.said, "What is my dog called?"), GROUNDING)
     assert teach.rephrased(trainer, render_chat, [dog], [], GROUNDING) == []
-

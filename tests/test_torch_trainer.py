@@ -251,7 +251,7 @@ def test_saved_block_runs_on_llama_cpp(trainer, backend, frozen, tmp_path):
         llama.close()
 
 
-def test_a_bf16_trainer_keeps_the_zero_init_exact_trains_its_fp32_block_and_is_chosen_only_where_it_pays(tiny_model_dir):
+def test_a_bf16_trainer_keeps_the_zero_init_exact_trains_its_fp32_block_and_is_chosen_where_it_pays(tiny_model_dir):
     trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), lr=1e-2, seed=0, device="cpu",
                                 precision="bf16")
     assert trainer.precision == "bfloat16" and all(p.dtype == torch.float32 for p in trainer.new_parameters)

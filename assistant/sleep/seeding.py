@@ -37,7 +37,7 @@ from assistant.sleep import losses, rewards
 from backends.base import BlockTrainer, Sampling
 
 Reward = Callable[[str, str, float], float]  # (candidate, reference, teacher's judgement) -> reward
-TEACHER_CACHE_BYTES = 2 << 30  # the teacher's kept log-probabilities: about 250 answers of 30 tokens on Qwen2.5's vocabulary
+TEACHER_CACHE_BYTES = 2 << 30  # the teacher's kept log-probabilities: about 250 answers of 30 tokens on Qwen2.5
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,10 @@ def _batch(pools: dict[str, list[Row]], settings: SeedingSettings, rng: random.R
 
 
 def distill_step(
-    trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str,
-    teacher: TeacherCache | None = None,
+    trainer: BlockTrainer, batch: Sequence[Row], settings: SeedingSettings, rng: random.Random, marker: str
 ) -> float:
     """A step of distillation alone (dreaming's anchor)."""
-    return seeding_step(trainer, batch, None, settings, rng, marker, teacher)
+    return seeding_step(trainer, batch, None, settings, rng, marker)
 
 
 def seeding_step(
@@ -271,7 +270,7 @@ class TeacherCache:
         """[len(batch), longest answer, V] log-probabilities of the frozen teacher (stack without
         the new block) over each row's completion in ``answers`` after its teacher prompt."""
         keys = [(tuple(row.teacher_ids), tuple(answer)) for row, answer in zip(batch, answers)]
-        need = list(dict.fromkeys(i for i, key in enumerate(keys) if not (fixed[i] and key in self.kept)))
+        need = [i for i, key in enumerate(keys) if not (fixed[i] and key in self.kept)]
         ops, fresh = self.trainer.ops, {}
         if need:
             logits, _ = self.trainer.completion_logits([batch[i].teacher_ids for i in need],

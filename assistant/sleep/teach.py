@@ -142,20 +142,12 @@ def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], 
     asked = [render(list(l.context) + user_turn(REPHRASE.format(l.question))) for l in lessons]
     written = [next(iter(parse_questions(text)), "") for text in trainer.generate(asked, QUESTIONS, new_block=False)]
     found = [(l, q) for l, q in zip(lessons, written) if q and q.lower() != l.question.lower()]
-    return [lesson.probe() for lesson in _grounded(trainer, render, found, grounding)]
-
-
-def _grounded(trainer: BlockTrainer, render: Render, found: Sequence[tuple[Lesson, str]],
-              grounding: float) -> list[Lesson]:
-    """Each (lesson, question) as a lesson of that question and the lesson's answer, when the
-    window makes the answer ``grounding`` nats likelier for it than no window does."""
     if not found:
         return []
-    answers = [l.answer for l, _ in found]
-    taught = logprob(trainer, [render(list(l.context) + user_turn(q)) for l, q in found], answers, new_block=False)
-    alone = logprob(trainer, [render(user_turn(q)) for _, q in found], answers, new_block=False)
-    return [Lesson(l.session_id, l.context, q, l.answer, t, t - a)
-            for (l, q), t, a in zip(found, taught, alone) if t - a >= grounding]
+    prompts = [render(list(l.context) + user_turn(q)) for l, q in found]
+    taught = logprob(trainer, prompts, [l.answer for l, _ in found], new_block=False)
+    alone = logprob(trainer, [render(user_turn(q)) for _, q in found], [l.answer for l, _ in found], new_block=False)
+    return [Probe(q, l.answer, l.session_id, t) for (l, q), t, a in zip(found, taught, alone) if t - a >= grounding]
 
 
 def rows(render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
