@@ -48,6 +48,9 @@ class TorchBackend:
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise BackendError(f"{hf_dir}: cannot load the model ({first_line(error)})") from error
         self.base_model = base.to(self.device).eval()
+        head = base.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
         self.model: torch.nn.Module = self.base_model  # the base, or a PeftModel wrapping it
         self.cache_name = cache_argument(base)
         self.context_length = int(base.config.max_position_embeddings)
@@ -162,6 +165,13 @@ def peft_wrapping() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """The head's input, contiguous. Prefill keeps only the last position (``logits_to_keep``), a strided
+    slice; in bf16 on a CPU torch multiplies such a slice by a per-row copy of the whole head (2.2 GB and
+    10 s for 8 prompts on Qwen2.5-0.5B) instead of by the head once."""
+    return (args[0].contiguous(), *args[1:])
 
 
 @contextlib.contextmanager

@@ -53,13 +53,11 @@ class TorchBlockTrainer:
         seed: int = 0,
         device: str | torch.device | None = None,
         init_block: Path | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
     ) -> None:
         """``precision``: the frozen weights' dtype: "bf16", "fp32", or "auto" (bf16 for a model of
         ``BF16_MIN_PARAMETERS`` or more on a CPU that computes bf16 natively, else as the chat engine
-        loads it). The new block trains in fp32 either way. Not "auto" by default: bf16 is 2-3x
-        faster here, but with PEFT's fp32 blocks on bf16 weights a batch's decoding peaked at three
-        times fp32's memory (64 long prompts on Qwen2.5-0.5B: 20 GB, killed; docs/decisions.md)."""
+        loads it). The new block trains in fp32 either way."""
         from peft import LoraConfig, PeftModel
         from peft.tuners.lora import LoraLayer
 

@@ -271,3 +271,16 @@ def test_a_bf16_trainer_keeps_the_zero_init_exact_trains_its_fp32_block_and_is_c
                              precision="auto").precision == "float32"
     with pytest.raises(BackendError, match="unknown precision"):
         TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu", precision="fp8")
+
+
+def test_bf16_decoding_multiplies_by_the_head_once_not_by_a_copy_per_prompt(tiny_model_dir):
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = TorchBlockTrainer(tiny_model_dir, [], LoraSpec(rank=4, alpha=8.0), device="cpu", precision="bf16")
+    head = trainer.model.get_output_embeddings().weight
+    prompts = [trainer.render_chat([{"role": "user", "content": "Where do I live? " * (1 + i)}]) for i in range(4)]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as run:
+        trainer.generate(prompts, Sampling(max_tokens=2, temperature=0.0), new_block=True)
+    shapes = [shape for event in run.events() for shape in event.input_shapes if isinstance(shape, list)]
+    assert shapes and not [s for s in shapes if len(s) == 3 and s[0] > 1 and sorted(s[1:]) == sorted(head.shape)]
+    trainer.close()
