@@ -233,20 +233,40 @@ def test_a_session_longer_than_the_context_is_read_in_windows_and_every_fact_is_
 def test_sampled_lists_add_their_questions_once():
     trainer = FakeTrainer([DOG, LISBON])
     contexts = [knowledge_context(_user(DOG.said, LISBON.said))]
-    [written] = teach.write_questions(trainer, render_chat, contexts, 3, random.Random(0))
+    [written] = teach.write_questions(trainer, render_chat, contexts, teach.QUESTIONS)
     assert written == ["What is my dog's name?", "Where do I live?"]
-    samplings = [g.sampling for g in trainer.night.generated]
-    assert [s.temperature for s in samplings] == [0.0, 0.0, 0.8, 0.8, 0.8, 0.8]  # a greedy pass, then two sampled
     asked = [g.prompt for g in trainer.night.generated]
     assert all(any(request in prompt for prompt in asked) for request in teach.REQUESTS)
-    assert teach.write_questions(trainer, render_chat, [], 3, random.Random(0)) == []
-
-
-def test_sampled_lists_are_written_only_while_the_clock_allows():
+    assert teach.write_questions(trainer, render_chat, [], teach.QUESTIONS) == []
     trainer = FakeTrainer([DOG, LISBON])
-    contexts = [knowledge_context(_user(DOG.said, LISBON.said))]
-    teach.write_questions(trainer, render_chat, contexts, 3, random.Random(0), until=time.monotonic())
-    assert [g.sampling.temperature for g in trainer.night.generated] == [0.0] * len(teach.REQUESTS)
+    lessons = _lessons(trainer, [(1, _user(DOG.said, LISBON.said))], lists=3)
+    assert sorted(lesson.question for lesson in lessons) == ["What is my dog's name?", "Where do I live?"]
+    writing = [g.sampling.temperature for g in trainer.night.generated if g.sampling.max_tokens == teach.QUESTIONS.max_tokens]
+    assert writing == [0.0, 0.0, 0.8, 0.8, 0.8, 0.8]  # a greedy pass, then two sampled
+    answered = [g.prompt for g in trainer.night.generated if g.sampling.max_tokens == teach.ANSWER.max_tokens]
+    assert len(answered) == 2  # each question answered once, whichever passes wrote it
+
+
+def test_sampled_lists_are_written_and_answered_only_while_the_clock_allows(monkeypatch):
+    trainer = FakeTrainer([DOG, LISBON])
+    clock = [0.0]
+    monkeypatch.setattr(teach.time, "monotonic", lambda: clock[0])
+    generate = trainer.generate
+
+    def one_second_a_call(*args, **kwargs):  # a model that takes a second to decode any batch
+        clock[0] += 1.0
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate", one_second_a_call)
+    session = [(1, _user(DOG.said, LISBON.said))]
+    # the greedy pass takes 3 s (two lists, one batch of answers): a second pass could not end by 5 s
+    lessons = teach.lessons_of(trainer, render_chat, session, lists=3, grounding=GROUNDING, rng=random.Random(0),
+                               until=5.0)
+    assert len(lessons) == 2  # the greedy pass is written and answered whatever the clock
+    assert {g.sampling.temperature for g in trainer.night.generated} == {0.0} and clock[0] == 3.0
+    clock[0] = 0.0
+    teach.lessons_of(trainer, render_chat, session, lists=3, grounding=GROUNDING, rng=random.Random(0), until=6.0)
+    assert clock[0] == 5.0  # one sampled pass fits (two lists, nothing new in them to answer), no second
 
 
 def test_nothing_new_in_a_session_is_no_lesson():

@@ -32,7 +32,7 @@ def teach(night: Night) -> None:
     tonight = {sid: [m for m in night.store.messages(sid) if m["status"] == "complete"] for sid in night.sessions}
     s = night.settings
     lessons = teaching.lessons_of(night.trainer, night.render, list(tonight.items()), lists=s.question_lists,
-                                  grounding=s.grounding, rng=night.rng, until=night.writing_deadline())
+                                  grounding=s.grounding, rng=night.rng, until=night.widening_deadline())
     if not lessons:
         night.report = night.nothing("the teacher found nothing in these sessions that the model does not already answer")
         return

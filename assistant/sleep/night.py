@@ -31,9 +31,9 @@ Progress = Callable[[str, float, str], None]  # (stage, fraction done, message)
 # The MLP projections only: adapting attention too cost in-context reading (docs/decisions.md).
 MLP = ("gate_proj", "up_proj", "down_proj")
 MIN_PROBES = 4  # held-out questions a night needs to be judged on them alone
-# Of the night's budget, what writing sampled question lists may take: they widened nano's questions
-# for no recall and cost Qwen half its training time (docs/decisions.md).
-WRITING_SHARE = 0.1
+# Of the night's budget, what sampled question lists, written and answered, may take: they widened
+# nano's questions for no recall and cost Qwen half its training time (docs/decisions.md).
+WIDENING_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ class Night:
         """The frozen blocks' scales, as the live stack wears them."""
         return [block.scale for block in self.stack.adapters()]
 
-    def writing_deadline(self) -> float:
-        """When the teacher's sampled question lists must end: a tenth of the night's budget."""
-        return self.started + WRITING_SHARE * self.settings.budget_minutes * 60
+    def widening_deadline(self) -> float:
+        """When the teacher's sampled question lists, answers included, must end."""
+        return self.started + WIDENING_SHARE * self.settings.budget_minutes * 60
 
     def left(self) -> float:
         """Seconds left of the night's budget."""

@@ -73,30 +73,17 @@ def session_contexts(trainer: BlockTrainer, render: Render, messages: Sequence[d
             windows(turns, lambda ctx: len(trainer.encode(render(ctx + user_turn(ASK)))) <= budget)]
 
 
-def write_questions(trainer: BlockTrainer, render: Render, contexts: Sequence[list[dict]], lists: int,
-                    rng: random.Random, until: float | None = None) -> list[list[str]]:
-    """For each context, the questions the teacher writes about it: for each of the ``REQUESTS`` a
-    greedy list, then up to ``lists - 1`` sampled ones while the clock allows (``until``, a
-    ``time.monotonic()`` value: one more pass is sampled only if it can end by then, judged by the
-    greedy pass's time). On a fast model the samples widen the questions; on a slow one the night
-    keeps its time for training."""
+def write_questions(trainer: BlockTrainer, render: Render, contexts: Sequence[list[dict]],
+                    sampling: Sampling) -> list[list[str]]:
+    """For each context, the questions the teacher writes about it in one pass: a list for each of
+    the ``REQUESTS``, each question once."""
     if not contexts:
         return []
     written: list[list[str]] = [[] for _ in contexts]
-    prompts = [[render(ctx + user_turn(request)) for ctx in contexts] for request in REQUESTS]
-
-    def write(sampling: Sampling) -> None:
-        for batch in prompts:
-            for index, text in enumerate(trainer.generate(batch, sampling, new_block=False)):
-                written[index].append(text)
-
-    started = time.monotonic()
-    write(QUESTIONS)
-    took = time.monotonic() - started
-    for _ in range(lists - 1):
-        if until is not None and time.monotonic() + took > until:
-            break
-        write(replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31)))
+    for request in REQUESTS:
+        prompts = [render(ctx + user_turn(request)) for ctx in contexts]
+        for index, text in enumerate(trainer.generate(prompts, sampling, new_block=False)):
+            written[index].append(text)
     return [list(dict.fromkeys(q for text in texts for q in parse_questions(text))) for texts in written]
 
 
@@ -118,12 +105,34 @@ def answer(trainer: BlockTrainer, render: Render, asked: Sequence[tuple[int, lis
 def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]], *,
                lists: int, grounding: float, rng: random.Random, until: float | None = None) -> list[Lesson]:
     """Tonight's lessons, oldest session first; a question two sessions answer keeps the newer answer.
-    ``until``: when sampled question lists must end (``write_questions``)."""
+
+    The user's own questions and the teacher's greedy lists are always answered. Up to ``lists - 1``
+    sampled passes widen them, each written and answered only if it can end by ``until`` (a
+    ``time.monotonic()`` value), judged by what the greedy pass took: on a slow model the night
+    keeps its time for training."""
     contexts = [(sid, ctx) for sid, messages in sessions for ctx in session_contexts(trainer, render, messages)]
-    written = write_questions(trainer, render, [ctx for _, ctx in contexts], lists, rng, until)
-    asked = [(sid, ctx, q) for (sid, ctx), qs in zip(contexts, written)
-             for q in dict.fromkeys(_asked_by_user(ctx) + qs)]
-    newest = {lesson.question: lesson for lesson in answer(trainer, render, asked, grounding)}
+    seen: set[tuple[int, str]] = set()  # (context index, question): each is answered once
+    lessons: list[Lesson] = []
+
+    def teach_pass(sampling: Sampling, first: bool) -> None:
+        written = write_questions(trainer, render, [ctx for _, ctx in contexts], sampling)
+        asked = []
+        for index, ((sid, ctx), questions) in enumerate(zip(contexts, written)):
+            for question in (_asked_by_user(ctx) if first else []) + questions:
+                if (index, question) not in seen:
+                    seen.add((index, question))
+                    asked.append((sid, ctx, question))
+        lessons.extend(answer(trainer, render, asked, grounding))
+
+    started = time.monotonic()
+    teach_pass(QUESTIONS, first=True)
+    took = time.monotonic() - started
+    for _ in range(lists - 1):
+        if until is not None and time.monotonic() + took > until:
+            break
+        teach_pass(replace(QUESTIONS, temperature=0.8, seed=rng.randrange(2**31)), first=False)
+    order = {sid: rank for rank, (sid, _) in enumerate(sessions)}
+    newest = {lesson.question: lesson for lesson in sorted(lessons, key=lambda lesson: order[lesson.session_id])}
     return list(newest.values())
 
 
