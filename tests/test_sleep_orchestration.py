@@ -677,7 +677,7 @@ def test_forgetting_a_session_no_block_learnt_leaves_the_adapters_alone(day):
 
 
 def test_a_rejected_version_that_learnt_the_session_is_deleted_too_and_the_live_one_kept(day):
-    porto = day.session(PORTO.said)
+    day.session(PORTO.said)
     assert day.sleep(learner()).status == "promoted"
     rex = day.session(REX.said)
     assert day.sleep(learner(learns_after=None)).status == "rejected"
