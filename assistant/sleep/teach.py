@@ -95,11 +95,19 @@ def answer(trainer: BlockTrainer, render: Render, asked: Sequence[tuple[int, lis
     prompts = [render(ctx + user_turn(q)) for _, ctx, q in asked]
     answers = [a.strip() for a in trainer.generate(prompts, ANSWER, new_block=False)]
     whole = [i for i, a in enumerate(answers) if a and len(trainer.encode(a)) < ANSWER.max_tokens]
-    taught = logprob(trainer, [prompts[i] for i in whole], [answers[i] for i in whole], new_block=False)
-    alone = logprob(trainer, [render(user_turn(asked[i][2])) for i in whole], [answers[i] for i in whole],
-                    new_block=False)
-    return [Lesson(asked[i][0], tuple(asked[i][1]), asked[i][2], answers[i], t, t - a)
-            for i, t, a in zip(whole, taught, alone) if t - a >= grounding]
+    scores = _evidence(trainer, render, [prompts[i] for i in whole], [asked[i][2] for i in whole],
+                       [answers[i] for i in whole])
+    return [Lesson(asked[i][0], tuple(asked[i][1]), asked[i][2], answers[i], taught, evidence)
+            for i, (taught, evidence) in zip(whole, scores) if evidence >= grounding]
+
+
+def _evidence(trainer: BlockTrainer, render: Render, prompts: Sequence[str], questions: Sequence[str],
+              answers: Sequence[str]) -> list[tuple[float, float]]:
+    """For each answer: its log-probability after its prompt (the window in context, then the
+    question), and how many nats more likely that makes it than the question alone."""
+    taught = logprob(trainer, prompts, answers, new_block=False)
+    alone = logprob(trainer, [render(user_turn(q)) for q in questions], answers, new_block=False)
+    return [(t, t - a) for t, a in zip(taught, alone)]
 
 
 def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]], *,
@@ -153,10 +161,10 @@ def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], 
     found = [(l, q) for l, q in zip(lessons, written) if q and q.lower() != l.question.lower()]
     if not found:
         return []
-    prompts = [render(list(l.context) + user_turn(q)) for l, q in found]
-    taught = logprob(trainer, prompts, [l.answer for l, _ in found], new_block=False)
-    alone = logprob(trainer, [render(user_turn(q)) for _, q in found], [l.answer for l, _ in found], new_block=False)
-    return [Probe(q, l.answer, l.session_id, t) for (l, q), t, a in zip(found, taught, alone) if t - a >= grounding]
+    scores = _evidence(trainer, render, [render(list(l.context) + user_turn(q)) for l, q in found],
+                       [q for _, q in found], [l.answer for l, _ in found])
+    return [Probe(q, l.answer, l.session_id, taught) for (l, q), (taught, evidence) in zip(found, scores)
+            if evidence >= grounding]
 
 
 def rows(render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
