@@ -101,6 +101,25 @@ def test_an_answer_the_session_does_not_make_likelier_is_dropped():
     assert [lesson.question for lesson in kept] == ["What is my dog called?"]
 
 
+def test_an_answer_any_told_session_makes_likely_is_dropped():
+    # after any session the teacher just acknowledges: likelier than with the question alone, but not
+    # because of what this session says, so it is weighed against another session of the night
+    acknowledges = FakeTrainer([DOG, CAT], respond=lambda turns, new_block: "Thanks for telling me."
+                               if turns[-1]["content"] == "What did I tell you?" and len(turns) > 1 else None)
+    asked = _asked(1, DOG.said, "What did I tell you?", "What is my dog called?") + _asked(2, CAT.said, "What did I tell you?")
+    assert [(l.session_id, l.question) for l in teach.answer(acknowledges, render_chat, asked, GROUNDING)] == [
+        (1, "What is my dog called?")]
+    # on a night of one session there is no other to weigh against: the question alone serves
+    assert len(teach.answer(acknowledges, render_chat, _asked(1, DOG.said, "What did I tell you?"), GROUNDING)) == 1
+
+
+def test_each_question_is_weighed_against_the_next_window_of_another_session():
+    one, two, three = ([{"role": "user", "content": text}] for text in ("a", "b", "c"))
+    asked = [(1, one, "q"), (1, one, "r"), (2, two, "q"), (1, three, "q")]
+    assert teach._elsewhere(asked) == [two, two, three, two]
+    assert teach._elsewhere([(1, one, "q"), (1, three, "q")]) == [[], []]
+
+
 def test_the_grounding_threshold_is_in_nats():
     trainer = FakeTrainer([DOG])
     [lesson] = teach.answer(trainer, render_chat, _asked(1, DOG.said, "What is my dog called?"), GROUNDING)

@@ -10,10 +10,12 @@ window in context, greedily and to the end of its turn; an answer cut by the len
 dropped, not taught half-said.
 
 An answer is kept only when the session is what makes it likely: its log-probability with the
-window in context must exceed that without it by ``grounding`` nats (the pointwise mutual
-information of answer and session). That one likelihood test, in any language, drops an answer the
-teacher invents (nothing in the session supports it), one about itself rather than the user, and
-one the live model already gives (nothing left to learn).
+window in context must exceed that with a window of another of tonight's sessions in its place (the
+question alone on a night of one session) by ``grounding`` nats (the pointwise mutual information of
+answer and session). That one likelihood test, in any language, drops an answer the teacher invents
+(nothing in the session supports it), one about itself rather than the user, one the live model
+already gives (nothing left to learn), and one that any told session makes likely (an
+acknowledgement, a ramble in the session's style): only what this session says passes.
 """
 
 from __future__ import annotations
@@ -95,19 +97,36 @@ def answer(trainer: BlockTrainer, render: Render, asked: Sequence[tuple[int, lis
     prompts = [render(ctx + user_turn(q)) for _, ctx, q in asked]
     answers = [a.strip() for a in trainer.generate(prompts, ANSWER, new_block=False)]
     whole = [i for i, a in enumerate(answers) if a and len(trainer.encode(a)) < ANSWER.max_tokens]
+    contrast = _elsewhere(asked)
     scores = _evidence(trainer, render, [prompts[i] for i in whole], [asked[i][2] for i in whole],
-                       [answers[i] for i in whole])
+                       [answers[i] for i in whole], [contrast[i] for i in whole])
     return [Lesson(asked[i][0], tuple(asked[i][1]), asked[i][2], answers[i], taught, evidence)
             for i, (taught, evidence) in zip(whole, scores) if evidence >= grounding]
 
 
 def _evidence(trainer: BlockTrainer, render: Render, prompts: Sequence[str], questions: Sequence[str],
-              answers: Sequence[str]) -> list[tuple[float, float]]:
+              answers: Sequence[str], contrasts: Sequence[list[dict]]) -> list[tuple[float, float]]:
     """For each answer: its log-probability after its prompt (the window in context, then the
-    question), and how many nats more likely that makes it than the question alone."""
+    question), and how many nats more likely that makes it than the question after its contrast."""
     taught = logprob(trainer, prompts, answers, new_block=False)
-    alone = logprob(trainer, [render(user_turn(q)) for q in questions], answers, new_block=False)
-    return [(t, t - a) for t, a in zip(taught, alone)]
+    elsewhere = logprob(trainer, [render(c + user_turn(q)) for c, q in zip(contrasts, questions)], answers,
+                        new_block=False)
+    return [(t, t - e) for t, e in zip(taught, elsewhere)]
+
+
+def _elsewhere(asked: Sequence[tuple[int, Sequence[dict], str]]) -> list[list[dict]]:
+    """For each (session, window, question): the window it is weighed against, the first window of
+    another session after its own among those asked about (wrapping round to the first), or none."""
+    windows: dict[str, tuple[int, list[dict]]] = {}
+    for sid, context, _ in asked:
+        windows.setdefault(repr(list(context)), (sid, list(context)))
+    order = list(windows.values())
+    result = []
+    for sid, context, _ in asked:
+        start = order.index(windows[repr(list(context))])
+        after = [ctx for other, ctx in order[start + 1:] + order[:start] if other != sid]
+        result.append(after[0] if after else [])
+    return result
 
 
 def lessons_of(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]], *,
@@ -162,7 +181,8 @@ def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], 
     if not found:
         return []
     scores = _evidence(trainer, render, [render(list(l.context) + user_turn(q)) for l, q in found],
-                       [q for _, q in found], [l.answer for l, _ in found])
+                       [q for _, q in found], [l.answer for l, _ in found],
+                       _elsewhere([(l.session_id, l.context, q) for l, q in found]))
     return [Probe(q, l.answer, l.session_id, taught) for (l, q), (taught, evidence) in zip(found, scores)
             if evidence >= grounding]
 
