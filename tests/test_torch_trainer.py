@@ -20,6 +20,7 @@ from helpers import (
 from backends import ops
 from backends.base import Adapter, BackendError, BlockTrainer, LoraSpec, Sampling
 from backends.select import open_trainer
+from backends import torch_trainer
 from backends.torch_trainer import TorchBlockTrainer
 
 
@@ -92,6 +93,29 @@ def test_steps_lower_the_loss_and_touch_only_the_new_block(trainer):
     assert not torch.equal(grown, old)
     assert cross_entropy(grown, torch.tensor([c + [0] * (mask.shape[1] - len(c)) for c in completions]),
                          mask) < losses[-1]
+
+
+def test_rows_of_unlike_length_go_through_in_groups_with_the_same_logits_and_gradient(trainer, monkeypatch):
+    short, long = trainer.encode("Hi"), trainer.encode("A much longer prompt " * 20)
+    prefixes = [short, long, short + short, long[:-3]]
+    completions = [trainer.encode(" yes"), trainer.encode(" no thanks"), trainer.encode(" a"), trainer.encode(" b c")]
+    lengths = [len(p) + len(c) for p, c in zip(prefixes, completions)]
+    assert torch_trainer.length_groups(lengths) == [[0, 2], [3, 1]]  # the short pair leaves the long pair's padding
+    trainer.train_step(prefixes, completions, cross_entropy)  # a non-zero block, so the gradient reaches A too
+    grouped, mask = trainer.completion_logits(prefixes, completions, new_block=True)
+    norm = trainer.gradient_norm(prefixes, completions, cross_entropy)
+    monkeypatch.setattr(torch_trainer, "GROUP_OVERHEAD_TOKENS", 10**6)  # one pass, padded to the longest row
+    assert torch_trainer.length_groups(lengths) == [[0, 2, 3, 1]]
+    padded = trainer.completion_logits(prefixes, completions, new_block=True)[0]
+    torch.testing.assert_close(padded * mask[..., None], grouped * mask[..., None], rtol=0, atol=1e-5)
+    assert trainer.gradient_norm(prefixes, completions, cross_entropy) == pytest.approx(norm, rel=1e-5)
+
+
+def test_like_lengths_stay_one_pass_and_each_row_is_in_one_group():
+    assert torch_trainer.length_groups([50, 52, 51]) == [[0, 2, 1]]
+    groups = torch_trainer.length_groups([53, 50, 120, 55, 118, 300, 52, 49])
+    assert sorted(i for group in groups for i in group) == list(range(8)) and len(groups) == 3
+    assert groups[-1] == [5]
 
 
 def test_a_non_finite_loss_is_refused_without_a_step(trainer):
