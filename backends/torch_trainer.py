@@ -417,8 +417,8 @@ class CompletionBatch:
     mask: list[list[float]]
 
 
-# A pass through the model costs about this many tokens' work besides its tokens (measured on Qwen2.5-0.5B
-# and SmolLM2 on CPU: a layer's fixed overhead), so rows are only split when padding costs more.
+# What one more pass through the model is counted as, in tokens (each layer's fixed work): rows split
+# into another group only when that saves more padding than this.
 GROUP_OVERHEAD_TOKENS = 64
 
 
