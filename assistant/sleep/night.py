@@ -53,7 +53,7 @@ class SleepSettings:
     imitation: bool = False  # the paper's Learning-to-Imitate term beside distillation (an ablation until it wins)
     dream: bool = False  # stage 2, rehearsal of the model's own dreams (an ablation until it wins)
     retention_tolerance: float = 0.5  # nats an earlier answer may lose on average before a block is refused
-    reading_tolerance: float = 0.25  # nats the readings may lose on average against the bare model
+    reading_tolerance: float = 0.5  # nats the readings may lose on average against the bare model: below it answers in context held
     seed: int = 0
 
     @property
