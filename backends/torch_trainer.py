@@ -174,8 +174,8 @@ class TorchBlockTrainer:
         self, prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, new_block: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._activate(new_block)
-        inputs, positions, _, mask = self._batch(prefixes, completions)
-        return self._logits(inputs, positions, _lengths(prefixes, completions)), mask
+        inputs, positions, _, mask, lengths = self._batch(prefixes, completions)
+        return self._logits(inputs, positions, lengths), mask
 
     def train_step(
         self,
@@ -253,11 +253,13 @@ class TorchBlockTrainer:
         self.active = names
 
     def _batch(self, prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):
-        """(inputs, positions, targets, mask) as tensors on the model's device (see ``completion_batch``)."""
+        """(inputs, positions, targets, mask) as tensors on the model's device (see ``completion_batch``),
+        and each row's unpadded length."""
         batch = completion_batch(prefixes, completions, self.pad_token_id)
         ids = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
         mask = torch.tensor(batch.mask, dtype=torch.float32, device=self.device)
-        return ids(batch.inputs), ids(batch.positions), ids(batch.targets), mask
+        lengths = [len(prefix) + len(completion) for prefix, completion in zip(prefixes, completions)]
+        return ids(batch.inputs), ids(batch.positions), ids(batch.targets), mask, lengths
 
     def _logits(self, inputs: torch.Tensor, positions: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """fp32 logits at ``positions`` only: the output head runs on completion positions, not on
@@ -281,8 +283,8 @@ class TorchBlockTrainer:
         """The student's loss (new block on) with its gradient accumulated on the new block."""
         self._activate(True)
         self.optimizer.zero_grad(set_to_none=True)
-        inputs, positions, targets, mask = self._batch(prefixes, completions)
-        loss = loss_fn(self._logits(inputs, positions, _lengths(prefixes, completions)), targets, mask)
+        inputs, positions, targets, mask, lengths = self._batch(prefixes, completions)
+        loss = loss_fn(self._logits(inputs, positions, lengths), targets, mask)
         loss.backward()
         return float(loss.detach())
 
@@ -420,10 +422,6 @@ class CompletionBatch:
 # What one more pass through the model is counted as, in tokens (each layer's fixed work): rows split
 # into another group only when that saves more padding than this.
 GROUP_OVERHEAD_TOKENS = 64
-
-
-def _lengths(prefixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[int]:
-    return [len(prefix) + len(completion) for prefix, completion in zip(prefixes, completions)]
 
 
 def length_groups(lengths: Sequence[int], most: int = 3) -> list[list[int]]:

@@ -17,10 +17,9 @@ from helpers import (
     token_batch,
 )
 
-from backends import ops
+from backends import ops, torch_trainer
 from backends.base import Adapter, BackendError, BlockTrainer, LoraSpec, Sampling
 from backends.select import open_trainer
-from backends import torch_trainer
 from backends.torch_trainer import TorchBlockTrainer
 
 

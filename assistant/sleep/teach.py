@@ -117,14 +117,15 @@ def _evidence(trainer: BlockTrainer, render: Render, prompts: Sequence[str], que
 def _elsewhere(asked: Sequence[tuple[int, Sequence[dict], str]]) -> list[list[dict]]:
     """For each (session, window, question): the window it is weighed against, the first window of
     another session after its own among those asked about (wrapping round to the first), or none."""
-    windows: dict[str, tuple[int, list[dict]]] = {}
-    for sid, context, _ in asked:
-        windows.setdefault(repr(list(context)), (sid, list(context)))
-    order = list(windows.values())
+    keys = [repr(list(context)) for _, context, _ in asked]
+    windows: dict[str, tuple[int, list[dict]]] = {}  # each window once, in the order first asked about
+    for key, (sid, context, _) in zip(keys, asked):
+        windows.setdefault(key, (sid, list(context)))
+    order = list(windows)
     result = []
-    for sid, context, _ in asked:
-        start = order.index(windows[repr(list(context))])
-        after = [ctx for other, ctx in order[start + 1:] + order[:start] if other != sid]
+    for key, (sid, _, _) in zip(keys, asked):
+        start = order.index(key)
+        after = [windows[k][1] for k in order[start + 1:] + order[:start] if windows[k][0] != sid]
         result.append(after[0] if after else [])
     return result
 
