@@ -290,6 +290,18 @@ def system_prompt_for(model: Model | Path, config: Config) -> str | None:
     return config.system_prompt
 
 
+def hidden_size(model: Model | Path) -> int | None:
+    """The width of the model's residual stream (``hidden_size`` in its folder's config.json, in its
+    text config for a model that also sees images), None when the folder does not say."""
+    path = model if isinstance(model, Path) else model.path
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    width = config.get("hidden_size", (config.get("text_config") or {}).get("hidden_size"))
+    return width if isinstance(width, int) and width > 0 else None
+
+
 def material_for(model: Model):
     """The generic material the sleep anchors and checks reading with: nano brings its own world's
     (``assistant.nano.material``), every other model reads the packaged English material."""

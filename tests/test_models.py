@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -208,3 +209,14 @@ def test_the_system_prompt_is_the_setting_except_for_nano_which_never_saw_one(pa
     assert models.system_prompt_for(other, Config()) == Config().system_prompt
     assert models.system_prompt_for(other, Config(system_prompt="Be brief.")) == "Be brief."
     assert models.system_prompt_for(other, Config(system_prompt="  ")) is None
+
+
+def test_the_width_is_read_from_the_folders_config(own_copy, tmp_path):
+    config = json.loads((own_copy / "config.json").read_text())
+    assert models.hidden_size(own_copy) == config["hidden_size"]
+    (own_copy / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 640}, **{
+        k: v for k, v in config.items() if k != "hidden_size"}}))
+    assert models.hidden_size(own_copy) == 640  # a model that also sees images keeps it in its text config
+    (own_copy / "config.json").write_text("{not json")
+    assert models.hidden_size(own_copy) is None
+    assert models.hidden_size(tmp_path / "absent") is None

@@ -197,6 +197,17 @@ def test_a_night_with_nothing_said_reports_nothing_and_opens_no_engine(day):
     assert run["id"] == report.run and run["status"] == "complete" and run["report"]["status"] == "nothing"
 
 
+def test_a_night_trains_at_the_rate_for_its_models_width(day):
+    config = Path(day.config.model) / "config.json"
+    day.session(PORTO.said)
+    fake = learner()
+    day.sleep(fake)  # the fake model's config names no width: the rate as set
+    config.write_text(json.dumps({"model_type": "somnus-fake", "hidden_size": 256}))
+    day.session(REX.said)
+    day.sleep(fake)
+    assert [night.lr for night in fake.nights] == [SETTINGS.lr, SETTINGS.lr * 4]
+
+
 def test_a_night_sleeps_only_on_the_sessions_no_live_adapter_learnt(day):
     porto, rex = day.session(PORTO.said), day.session(REX.said)
     first = day.sleep(learner())

@@ -289,11 +289,12 @@ def fresh_in_context(trainer, sessions: int, seed: int) -> float | None:
 
 def _open(config: Config, adapters=(), settings: SleepSettings = SleepSettings()):
     """The training engine's trainer (also the fastest batched reader) wearing ``adapters``."""
-    from assistant.models import system_prompt_for
+    from assistant.models import hidden_size, system_prompt_for
     from backends.select import choose_engines, open_trainer
 
     engine = choose_engines(config.backend)[1]
-    trainer = open_trainer(engine, Path(config.model), blocks=adapters, spec=settings.spec, lr=settings.lr,
+    trainer = open_trainer(engine, Path(config.model), blocks=adapters, spec=settings.spec,
+                           lr=settings.rate(hidden_size(Path(config.model))),
                            seed=settings.seed)
     frame(trainer, system_prompt_for(Path(config.model), config))  # every method reads as the chat does
     return closing(trainer)

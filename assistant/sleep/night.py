@@ -13,6 +13,7 @@ from assistant import adapters
 from assistant.adapters import Stack
 from assistant.config import Config, Paths
 from assistant.models import (
+    hidden_size,
     Model,
     local_model,
     material_for,
@@ -34,6 +35,7 @@ MIN_PROBES = 4  # held-out questions a night needs to be judged on them alone
 # Of the night's budget, what sampled question lists, written and answered, may take: they widened
 # nano's questions for no recall and cost Qwen half its training time (docs/decisions.md).
 WIDENING_SHARE = 0.1
+REFERENCE_WIDTH = 1024  # the hidden size ``SleepSettings.lr`` is the rate for
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class SleepSettings:
 
     budget_minutes: float = 15.0  # the whole night, teaching to promotion: a night must end before the user is back
     rank: int = 16  # of each night's LoRA block: room for a day of facts, little for anything else
-    lr: float = 3e-4  # Adam on the new block only (LoRA on a pretrained model); zero-init B keeps the first step harmless
+    lr: float = 2.6e-4  # Adam on the new block of a model 1024 wide (``rate``); zero-init B keeps the first step harmless
     max_steps: int = 400  # training stops here or at the budget, whichever comes first
     batch_size: int = 8  # rows per step, tonight's and replayed and anchors together
     question_lists: int = 3  # per window and wording: one greedy, the rest sampled while a tenth of the budget lasts
@@ -55,6 +57,11 @@ class SleepSettings:
     retention_tolerance: float = 0.5  # nats an earlier answer may lose on average before a block is refused
     reading_tolerance: float = 0.5  # nats the readings may lose on average against the bare model: below it answers in context held
     seed: int = 0
+
+    def rate(self, width: int | None) -> float:
+        """Adam's rate for a model ``width`` wide (None: ``lr``): ``lr`` scaled by 1024 / width, as
+        GPT-3's rates and muP scale with width, so a narrow model takes the larger steps it needs."""
+        return self.lr * REFERENCE_WIDTH / width if width else self.lr
 
     @property
     def spec(self) -> LoraSpec:
@@ -214,7 +221,8 @@ def open_night(paths: Paths, config: Config, store: Store, run_id: int, settings
         from backends.select import choose_engines
         from backends.select import open_trainer as open_engine
         open_trainer = functools.partial(open_engine, choose_engines(config.backend)[1])
-    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec, lr=settings.lr, seed=settings.seed)
+    trainer = open_trainer(model.path, blocks=stack.adapters(), spec=settings.spec,
+                           lr=settings.rate(hidden_size(model)), seed=settings.seed)
     frame(trainer, system_prompt_for(model, config))  # the night's prompts read as the day's chat does
 
     def told(stage: str, fraction: float, message: str) -> None:
