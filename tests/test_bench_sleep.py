@@ -14,6 +14,7 @@ import pytest
 
 from assistant.bench import sleep as bench
 from assistant.nano import evaluate
+from assistant.sleep.gate import kept_training
 
 ABLATIONS = {"with_dream"}
 METHODS = {"in_context", "floor", "retrieval", "sleep", "finetune", "with_lti"} | ABLATIONS
@@ -131,6 +132,7 @@ def test_a_tiny_run_writes_the_json_with_every_method(tiny_run):
     each = generated["each_night"]
     assert each["probes"] == 8 and each["promoted"] == sum(n["status"] == "promoted" for n in generated["per_night"])
     assert each["recall"] == pytest.approx(sum(n["recall"] for n in generated["per_night"]) / 2)
+    assert [n["kept"] for n in generated["per_night"]] == [kept_training(n["training"]) for n in generated["per_night"]]
     assert each["in_context"] is not None and each["floor"] is not None
     forgot = generated["forget"]  # night 2's first session, forgotten: no file keeps a word it said
     assert (forgot["probes"], forgot["kept_probes"], forgot["files_holding_it"]) == (2, 2, [])
@@ -177,6 +179,25 @@ def test_the_table_shows_the_first_night_and_the_ablations_night(tiny_run):
     console.print(bench.results_table(tiny_run[0]))
     lines = [line for line in console.export_text().splitlines() if "│ generated │ sleep" in line]
     assert len(lines) == 2 and "night 2" not in lines[0] and "night 2" in lines[1]
+
+
+def test_the_table_says_how_far_each_trained_method_went():
+    from rich.console import Console
+
+    def row(recall, **more):
+        return {"recall": recall, "cr": None, "seconds": 1.0, "cpu_seconds": 1.0, "peak_rss_mb": 1.0, **more}
+
+    each = {"probes": 2, "promoted": 1, "recall": 0.5, "cr": None, "in_context": 1.0, "floor": 0.0}
+    generated = {"methods": {"floor": row(0.0), "sleep": row(0.5, status="promoted", kept="240 of 360 steps"),
+                             "finetune": row(0.0, steps=122)}, "each_night": each, "nights": 1, "retention": None,
+                 "latest_recall": 0.5, "in_context_drop": 0.0, "seconds_per_night": 1.0, "skipped": None}
+    result = {"model": "m", "seed": 1, "seconds": 3.0, "generated": generated,
+              "babi": {**generated, "skipped": "--quick"}}
+    console = Console(record=True, width=200)
+    console.print(bench.results_table(result))
+    text = console.export_text()
+    assert "sleep (promoted, 240 of 360 steps)" in text and "finetune (122 steps)" in text
+    assert "floor (" not in text
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ from rich.table import Table
 from assistant.config import Config, SomnusError, open_paths
 from assistant.nano import evaluate
 from assistant.nano.world import ACKS, World
+from assistant.sleep.gate import kept_training
 from assistant.sleep.night import SleepSettings, frame
 from backends.base import BackendError, Sampling
 
@@ -74,7 +75,7 @@ DREAM_ABLATIONS: dict[str, Callable[[SleepSettings], SleepSettings]] = {  # meas
     "with_dream": lambda settings: replace(settings, dream=True),
 }
 ABLATION_NIGHT = 2  # block noise needs an earlier night's block to act on
-NIGHT_KEYS = ("recall", "seconds", "cpu_seconds", "peak_rss_mb", "status")  # a night's record, as a method's
+NIGHT_KEYS = ("recall", "seconds", "cpu_seconds", "peak_rss_mb", "status", "kept")  # a night's record, as a method's
 _MOVE = re.compile(r"^(?P<who>\w+) .*\bto the (?P<where>\w+)\.?$")
 
 
@@ -385,6 +386,7 @@ def sleeping(config: Config, nights: Sequence[Night], settings: SleepSettings, f
                 span = Span()
                 report = sleep_cycle(paths, config, store, settings=settings, progress=progress)
                 record = {"night": number, "status": report.status, "reason": report.reason, **span.record(),
+                          "kept": kept_training(report.training), "training": report.training,
                           "chosen": report.dreaming.get("chosen"), "dreaming": report.dreaming}
                 if report.status == "rejected":  # what the night's adapter knew, though the gate kept it out
                     stack = adapters.load_stack(adapters.manifest_path(paths.home, report.adapter))
@@ -647,7 +649,9 @@ def results_table(result: dict) -> Table:
         rows = [(m, r) for m, r in data["methods"].items() if m == "sleep" or m not in ablations]
         rows += list(ablations.items())
         for method, row in rows:
-            note = f" ({row['status']})" if "status" in row else ""
+            done = [row[key] for key in ("status", "kept") if row.get(key)] + (
+                [f"{row['steps']} steps"] if row.get("steps") else [])
+            note = f" ({', '.join(done)})" if done else ""
             note += f", night {row['night']}" if "night" in row else ""
             table.add_row(name, method + note, _percent(row["recall"]), _interval(row.get("recall_interval")),
                           _number(row["cr"]), _percent(row.get("reading")), f"{row['seconds']:.1f}",
