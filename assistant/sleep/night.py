@@ -13,8 +13,8 @@ from assistant import adapters
 from assistant.adapters import Stack
 from assistant.config import Config, Paths
 from assistant.models import (
-    hidden_size,
     Model,
+    hidden_size,
     local_model,
     material_for,
     require_trainable,
@@ -59,8 +59,8 @@ class SleepSettings:
     seed: int = 0
 
     def rate(self, width: int | None) -> float:
-        """Adam's rate for a model ``width`` wide (None: ``lr``): ``lr`` scaled by 1024 / width, as
-        GPT-3's rates and muP scale with width, so a narrow model takes the larger steps it needs."""
+        """Adam's rate for a model ``width`` wide (None: ``lr``): ``lr`` times REFERENCE_WIDTH / width,
+        as GPT-3's rates and muP scale with width, so a narrow model takes the larger steps it needs."""
         return self.lr * REFERENCE_WIDTH / width if width else self.lr
 
     @property
