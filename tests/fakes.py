@@ -13,8 +13,9 @@ a list of ``Fact``s, read the way a chat model reads a session:
   on, what training taught the new block, once the block is strong enough (``learns_after``).
 
 Training teaches a student's prompt the completion it is trained towards when that is a fact's
-answer to it (and then every phrasing of that fact); the student's own samples teach nothing, as
-distillation pulls them towards the teacher rather than towards themselves. The new block's
+answer to it, or the user's words telling it (and then every phrasing of that fact); the
+student's own samples teach nothing, as distillation pulls them towards the teacher rather than
+towards themselves. The new block's
 strength is its optimiser steps (a checkpoint's step, as the gate loads it), so a test scripts
 which of the gate's candidates recall, forget older nights' facts (``forgets``) or stop reading their
 context (``reading_lost_after``), and so drives the gate to promote or to reject. ``respond``
@@ -438,14 +439,16 @@ class FakeTrainer:
         return None
 
     def _learn(self, row: Trained) -> None:
-        """A student's prompt trained towards a fact's answer teaches every phrasing of that fact;
-        the student's own samples and everything else teach nothing."""
+        """A student's prompt trained towards a fact's answer, or towards the user's words that tell
+        it (a recital), teaches every phrasing of that fact; the student's own samples and
+        everything else teach nothing."""
         question = row.question
         answer = normalise_answer(row.completion)
         if question is None or answer in self._sampled:
             return
         for fact in self.facts:
-            if fact.asked_by(question) and normalise_answer(fact.answer) == answer:
+            if (fact.asked_by(question) and normalise_answer(fact.answer) == answer
+                    or normalise_answer(fact.said) in answer):
                 self._learnt.update({q.lower(): fact.answer for q in fact.questions})
 
     def _logits(self, prefixes, completions, new_block: bool) -> tuple[torch.Tensor, torch.Tensor]:

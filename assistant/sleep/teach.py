@@ -35,6 +35,8 @@ ASK = "What questions could I ask you about what I told you?"
 # Models answer requests differently: each window is asked both ways. On SmolLM2-135M the list request
 # reached 10 of 30 told facts and ASK 1; the bundled nano model answers ASK only (docs/decisions.md).
 REQUESTS = (ASK, "List 5 short questions about what I told you, one per line.")
+RECITE = "What did I tell you?"
+RECITALS = 2  # rows per piece of a window: about a quarter of tonight's rows (docs/decisions.md)
 QUESTIONS = Sampling(max_tokens=128, temperature=0.0)
 ANSWER = Sampling(max_tokens=64, temperature=0.0)
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022>]+|\(?\d+[.):]|[A-Za-z][.)]|#+)?\s*(?:\*\*)?\s*")
@@ -188,13 +190,45 @@ def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], 
             if evidence >= grounding]
 
 
-def rows(render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
+def rows(trainer: BlockTrainer, render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
     """The consolidation's rows: each taught question (teacher: the window in context; student: the
-    question alone), and each earlier answer replayed (teacher and student alike: the live stack)."""
+    question alone), each taught window recited (``recitals``), and each earlier answer replayed
+    (teacher and student alike: the live stack)."""
     return ([Row(render(list(l.context) + user_turn(l.question)), render(user_turn(l.question)), l.answer,
                  question=l.question, session_id=l.session_id) for l in taught]
+            + recitals(trainer, render, taught)
             + [Row(render(user_turn(p.question)), render(user_turn(p.question)), p.reference, kind="replay",
                    question=p.question, session_id=p.session_id) for p in replayed])
+
+
+def recitals(trainer: BlockTrainer, render: Render, taught: Sequence[Lesson]) -> list[Row]:
+    """Each window a lesson was taught from, recited: rows whose answer is the user's own words,
+    asked for by ``RECITE``, ``RECITALS`` times. The teacher reads them from its context; the student
+    learns to say them (GKD's supervised rows: a fixed completion, the teacher's distribution at
+    each of its tokens). The lessons teach the teacher's questions; the recital, what the user said
+    in their own phrasing, from which the block answers ways of asking the teacher never wrote.
+
+    A window is recited in pieces of whole sentences up to ``QUESTIONS.max_tokens`` tokens, the
+    room ``session_contexts`` leaves for a reply, so each row fits the model's context."""
+    windows = {(l.session_id, repr(l.context)): (l.session_id, list(l.context)) for l in taught}
+    return [Row(render(context + user_turn(RECITE)), render(user_turn(RECITE)), piece, question=RECITE,
+                session_id=sid)
+            for sid, context in windows.values() for piece in pieces(trainer, context[0]["content"])
+            for _ in range(RECITALS)]
+
+
+def pieces(trainer: BlockTrainer, text: str, limit: int = QUESTIONS.max_tokens) -> list[str]:
+    """``text`` in runs of whole sentences of at most ``limit`` tokens (a longer sentence is cut)."""
+    result: list[str] = []
+    for sentence in sentences(text):
+        if len(ids := trainer.encode(sentence)) > limit:
+            sentence = trainer.decode(ids[:limit]).strip()
+        joined = f"{result[-1]} {sentence}" if result else sentence
+        if result and len(trainer.encode(joined)) <= limit:
+            result[-1] = joined
+        else:
+            result.append(sentence)
+    return result
 
 
 def _asked_by_user(context: list[dict]) -> list[str]:
