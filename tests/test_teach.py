@@ -327,23 +327,18 @@ def test_a_rephrasing_whose_answer_the_session_does_not_ground_is_no_probe():
 
 # -- rows and recitals -------------------------------------------------------------------------------
 
-def _taught(session_id: int, said: str, *questions: str) -> list[teach.Lesson]:
-    context = tuple(knowledge_context([{"role": "user", "content": said}]))
-    return [teach.Lesson(session_id, context, q, f"Answer to {q}", -0.5, 20.0) for q in questions]
-
-
-def test_each_taught_window_is_recited_once_in_the_users_own_words():
+def test_each_window_of_tonights_sessions_is_recited_in_the_users_own_words():
     trainer = FakeTrainer([DOG, LISBON])
-    taught = (_taught(1, f"{DOG.said} {LISBON.said}", "What is my dog's name?", "Where do I live?")
-              + _taught(2, CAT.said, "What is my cat called?"))
-    rows = teach.rows(trainer, render_chat, taught, [])
+    sessions = [(1, _user(DOG.said, LISBON.said)), (2, _user(CAT.said))]  # session 2: nothing the teacher asked
+    lesson = teach.Lesson(1, tuple(knowledge_context(sessions[0][1])), "Where do I live?", LISBON.answer, -0.5, 20.0)
+    rows = teach.rows(trainer, render_chat, sessions, [lesson], [])
     recited = [row for row in rows if row.question == teach.RECITE]
     assert [(row.session_id, row.answer) for row in recited] == (
-        [(1, f"{DOG.said} {LISBON.said}")] * teach.RECITALS + [(2, CAT.said)] * teach.RECITALS)
-    for row in recited:
+        [(1, f"{DOG.said}\n{LISBON.said}")] * teach.RECITALS + [(2, CAT.said)] * teach.RECITALS)
+    for row in recited:  # the user's words only, read by the teacher from its context, said by the student
         assert row.kind == "new" and row.answer in row.teacher_prompt and row.answer not in row.student_prompt
         assert row.student_prompt == render_chat([{"role": "user", "content": teach.RECITE}])
-    assert len(rows) == len(taught) + len(recited)
+    assert len(rows) == 1 + len(recited)
 
 
 def test_a_long_window_is_recited_in_pieces_of_whole_sentences_that_fit():
@@ -353,11 +348,11 @@ def test_a_long_window_is_recited_in_pieces_of_whole_sentences_that_fit():
     assert len(pieces) > 2 and " ".join(pieces) == said
     assert all(len(trainer.encode(p)) <= 100 for p in pieces)
     assert all(p.endswith(".") for p in pieces)  # cut between sentences, never inside one
-    [cut] = teach.pieces(trainer, "x" * 300, limit=100)  # a sentence longer than a piece is cut
-    assert cut == "x" * 100
+    assert teach.pieces(trainer, "x" * 250, limit=100) == ["x" * 100, "x" * 100, "x" * 50]  # nothing lost
+    assert teach.pieces(trainer, "I moved.\nMy dog is Rex.  \n") == ["I moved.\nMy dog is Rex."]  # as written
 
 
 def test_replayed_answers_are_rows_of_their_own_and_never_recited():
     probe = Probe("Where do I live?", "You live in Lisbon.", 3, -0.4)
-    [row] = teach.rows(FakeTrainer([]), render_chat, [], [probe])
+    [row] = teach.rows(FakeTrainer([]), render_chat, [], [], [probe])
     assert row.kind == "replay" and row.teacher_prompt == row.student_prompt and row.answer == probe.reference

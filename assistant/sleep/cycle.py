@@ -47,7 +47,7 @@ def teach(night: Night) -> None:
     # A small night has too few rephrasings to hold out: it is judged on what it was taught as well.
     held_out = len(night.probes) >= MIN_PROBES
     night.asked = night.probes if held_out else night.probes + [lesson.probe() for lesson in night.lessons]
-    night.rows = teaching.rows(night.trainer, night.render, night.lessons, night.replayed())
+    night.rows = teaching.rows(night.trainer, night.render, list(tonight.items()), night.lessons, night.replayed())
     night.training.update(superseded=len(stale),
                           judged_on="held-out questions" if held_out else "taught and held-out questions")
 

@@ -39,6 +39,7 @@ RECITE = "What did I tell you?"
 RECITALS = 2  # rows per piece of a window: about a quarter of tonight's rows (docs/decisions.md)
 QUESTIONS = Sampling(max_tokens=128, temperature=0.0)
 ANSWER = Sampling(max_tokens=64, temperature=0.0)
+_SENTENCE_GAP = re.compile(r"((?<=[.!?])\s+|\n)")  # as ``lessons.sentences``, the gaps kept
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022>]+|\(?\d+[.):]|[A-Za-z][.)]|#+)?\s*(?:\*\*)?\s*")
 Render = Callable[[list[dict]], str]
 
@@ -190,45 +191,51 @@ def rephrased(trainer: BlockTrainer, render: Render, lessons: Sequence[Lesson], 
             if evidence >= grounding]
 
 
-def rows(trainer: BlockTrainer, render: Render, taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
+def rows(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]],
+         taught: Sequence[Lesson], replayed: Sequence[Probe]) -> list[Row]:
     """The consolidation's rows: each taught question (teacher: the window in context; student: the
-    question alone), each taught window recited (``recitals``), and each earlier answer replayed
-    (teacher and student alike: the live stack)."""
+    question alone), each window of tonight's ``sessions`` recited (``recitals``), and each earlier
+    answer replayed (teacher and student alike: the live stack)."""
     return ([Row(render(list(l.context) + user_turn(l.question)), render(user_turn(l.question)), l.answer,
                  question=l.question, session_id=l.session_id) for l in taught]
-            + recitals(trainer, render, taught)
+            + recitals(trainer, render, sessions)
             + [Row(render(user_turn(p.question)), render(user_turn(p.question)), p.reference, kind="replay",
                    question=p.question, session_id=p.session_id) for p in replayed])
 
 
-def recitals(trainer: BlockTrainer, render: Render, taught: Sequence[Lesson]) -> list[Row]:
-    """Each window a lesson was taught from, recited: rows whose answer is the user's own words,
-    asked for by ``RECITE``, ``RECITALS`` times. The teacher reads them from its context; the student
-    learns to say them (GKD's supervised rows: a fixed completion, the teacher's distribution at
-    each of its tokens). The lessons teach the teacher's questions; the recital, what the user said
-    in their own phrasing, from which the block answers ways of asking the teacher never wrote.
+def recitals(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int, Sequence[dict]]]) -> list[Row]:
+    """Each window of ``sessions`` (session id, messages) the teacher reads, recited: rows whose answer
+    is the user's own words, asked for by ``RECITE``, ``RECITALS`` times. The teacher reads them from
+    its context; the student learns to say them (GKD's supervised rows: a fixed completion, the
+    teacher's distribution at each of its tokens). The lessons teach the teacher's questions; the
+    recital, what the user said in their own phrasing, from which the block answers ways of asking
+    the teacher never wrote, and facts it wrote no question about.
 
     A window is recited in pieces of whole sentences up to ``QUESTIONS.max_tokens`` tokens, the
     room ``session_contexts`` leaves for a reply, so each row fits the model's context."""
-    windows = {(l.session_id, repr(l.context)): (l.session_id, list(l.context)) for l in taught}
     return [Row(render(context + user_turn(RECITE)), render(user_turn(RECITE)), piece, question=RECITE,
                 session_id=sid)
-            for sid, context in windows.values() for piece in pieces(trainer, context[0]["content"])
-            for _ in range(RECITALS)]
+            for sid, messages in sessions for context in session_contexts(trainer, render, messages)
+            for piece in pieces(trainer, context[0]["content"]) for _ in range(RECITALS)]
 
 
 def pieces(trainer: BlockTrainer, text: str, limit: int = QUESTIONS.max_tokens) -> list[str]:
-    """``text`` in runs of whole sentences of at most ``limit`` tokens (a longer sentence is cut)."""
+    """``text`` in runs of whole sentences of at most ``limit`` tokens, as the user wrote them, line
+    breaks included; a sentence longer than ``limit`` is a run of its own pieces of ``limit`` tokens."""
+    parts = _SENTENCE_GAP.split(text.strip())
     result: list[str] = []
-    for sentence in sentences(text):
+    gap = ""
+    for sentence, after in zip(parts[::2], parts[1::2] + [""]):
+        if not (sentence := sentence.strip()):
+            continue
         if len(ids := trainer.encode(sentence)) > limit:
-            sentence = trainer.decode(ids[:limit]).strip()
-        joined = f"{result[-1]} {sentence}" if result else sentence
-        if result and len(trainer.encode(joined)) <= limit:
-            result[-1] = joined
+            result += [trainer.decode(ids[i:i + limit]).strip() for i in range(0, len(ids), limit)]
+        elif result and len(trainer.encode(result[-1] + gap + sentence)) <= limit:
+            result[-1] += gap + sentence
         else:
             result.append(sentence)
-    return result
+        gap = after
+    return [piece for piece in result if piece]
 
 
 def _asked_by_user(context: list[dict]) -> list[str]:
