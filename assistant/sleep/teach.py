@@ -16,6 +16,9 @@ answer and session). That one likelihood test, in any language, drops an answer 
 (nothing in the session supports it), one about itself rather than the user, one the live model
 already gives (nothing left to learn), and one that any told session makes likely (an
 acknowledgement, a ramble in the session's style): only what this session says passes.
+
+Beside the lessons, every window is recited (``recitals``): the user's own words are the answer to
+"What did I tell you?", so the block learns what was said, not only the teacher's questions about it.
 """
 
 from __future__ import annotations
