@@ -15,10 +15,10 @@ a list of ``Fact``s, read the way a chat model reads a session:
 Training teaches a student's prompt the completion it is trained towards when that is a fact's
 answer to it, or the user's words telling it (and then every phrasing of that fact); the
 student's own samples teach nothing, as distillation pulls them towards the teacher rather than
-towards themselves. The new block's
-strength is its optimiser steps (a checkpoint's step, as the gate loads it), so a test scripts
-which of the gate's candidates recall, forget older nights' facts (``forgets``) or stop reading their
-context (``reading_lost_after``), and so drives the gate to promote or to reject. ``respond``
+towards themselves. The new block's strength is its optimiser steps (a checkpoint's step, as the
+gate loads it), so a test scripts which of the gate's candidates recall, forget older nights'
+facts (``forgets``) or stop reading their context (``reading_lost_after``), and so drives the gate
+to promote or to reject. ``respond``
 overrides any answer (canned responses); ``crash_on`` makes a method raise once, at its n-th call
 of a night. Each ``open`` starts a ``Night`` record: the prompts generated, the rows trained, the
 scales set, the blocks saved.

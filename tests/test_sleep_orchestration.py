@@ -370,6 +370,7 @@ def test_a_promoted_night_records_its_manifest_block_live_adapter_and_what_it_le
     assert not answers(taught, "question") & answers(held, "question")  # the gate's probes were never trained on
     trained = {row.question for row in fake.night.trained if row.question}
     assert answers(taught, "question") <= trained and not answers(held, "question") & trained
+    assert RECITE in trained and RECITE not in answers(taught + held, "question")  # recited, never kept or probed
     by_answer = {PORTO.answer: porto, REX.answer: pets, ZARA.answer: pets}
     assert all(p["session_id"] == by_answer[p["reference"]] and p["taught"] > -1 for p in taught + held)
     assert manifest["verdict"]["promote"] and manifest["verdict"]["probes"] >= len(held)
