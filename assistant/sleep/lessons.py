@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 
 ACKNOWLEDGEMENT = "Noted."
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
+SENTENCE_GAP = re.compile(r"((?<=[.!?])\s+|\n)")  # captured, so a split keeps the gaps (``teach.pieces``)
 
 
 def user_turn(text: str) -> list[dict]:
@@ -50,4 +50,4 @@ def windows(messages: Sequence[dict], fits: Callable[[list[dict]], bool], overla
 
 def sentences(text: str) -> list[str]:
     """``text`` cut after each full stop, question or exclamation mark and at each line break."""
-    return [sentence for sentence in map(str.strip, _SENTENCE_END.split(text)) if sentence]
+    return [sentence for sentence in map(str.strip, SENTENCE_GAP.split(text)) if sentence]

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from assistant.sleep.gate import Probe, logprob
-from assistant.sleep.lessons import knowledge_context, sentences, user_turn, windows
+from assistant.sleep.lessons import SENTENCE_GAP, knowledge_context, sentences, user_turn, windows
 from assistant.sleep.seeding import Row
 from backends.base import BlockTrainer, Sampling
 
@@ -42,7 +42,6 @@ RECITE = "What did I tell you?"
 RECITALS = 2  # rows per piece of a window: about a quarter of tonight's rows (docs/decisions.md)
 QUESTIONS = Sampling(max_tokens=128, temperature=0.0)
 ANSWER = Sampling(max_tokens=64, temperature=0.0)
-_SENTENCE_GAP = re.compile(r"((?<=[.!?])\s+|\n)")  # as ``lessons.sentences``, the gaps kept
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022>]+|\(?\d+[.):]|[A-Za-z][.)]|#+)?\s*(?:\*\*)?\s*")
 Render = Callable[[list[dict]], str]
 
@@ -225,7 +224,7 @@ def recitals(trainer: BlockTrainer, render: Render, sessions: Sequence[tuple[int
 def pieces(trainer: BlockTrainer, text: str, limit: int = QUESTIONS.max_tokens) -> list[str]:
     """``text`` in runs of whole sentences of at most ``limit`` tokens, as the user wrote them, line
     breaks included; a sentence longer than ``limit`` is a run of its own pieces of ``limit`` tokens."""
-    parts = _SENTENCE_GAP.split(text.strip())
+    parts = SENTENCE_GAP.split(text.strip())
     result: list[str] = []
     gap = ""
     for sentence, after in zip(parts[::2], parts[1::2] + [""]):
