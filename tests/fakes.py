@@ -18,10 +18,9 @@ student's own samples teach nothing, as distillation pulls them towards the teac
 towards themselves. The new block's strength is its optimiser steps (a checkpoint's step, as the
 gate loads it), so a test scripts which of the gate's candidates recall, forget older nights'
 facts (``forgets``) or stop reading their context (``reading_lost_after``), and so drives the gate
-to promote or to reject. ``respond``
-overrides any answer (canned responses); ``crash_on`` makes a method raise once, at its n-th call
-of a night. Each ``open`` starts a ``Night`` record: the prompts generated, the rows trained, the
-scales set, the blocks saved.
+to promote or to reject. ``respond`` overrides any answer (canned responses); ``crash_on`` makes a
+method raise once, at its n-th call of a night. Each ``open`` starts a ``Night`` record: the
+prompts generated, the rows trained, the scales set, the blocks saved.
 
 ``FakeChatBackend`` is the chat side's ``Backend``: a canned reply, for recording (or not) a day.
 Tokens are UTF-8 bytes plus five special tokens, so encode and decode round-trip any text.
